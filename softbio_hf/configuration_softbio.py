@@ -38,6 +38,8 @@ def _task_rank(task: str) -> tuple[int, str]:
     return (canonical.index(task), "") if task in canonical else (len(canonical), task)
 
 
+PIPELINE_TASK = "soft-biometrics"
+PIPELINE_SPEC = {"impl": "pipeline_softbio.SoftBiometricsPipeline", "pt": ["AutoModel"], "type": "image"}
 POOLING_CHOICES = ("cls", "attention")
 LOSS_WEIGHTING_CHOICES = ("sum", "uncertainty")
 
@@ -116,6 +118,9 @@ class SoftBioConfig(PreTrainedConfig):
             self.image_mean = list(OPENAI_CLIP_MEAN)
         if self.image_std is None:
             self.image_std = list(OPENAI_CLIP_STD)
+        if not getattr(self, "custom_pipelines", None):
+            # Every checkpoint is pipeline-ready: pipeline(model=dir_or_repo, trust_remote_code=True).
+            self.custom_pipelines = {PIPELINE_TASK: dict(PIPELINE_SPEC)}
         self._validate()
 
     def _validate(self) -> None:

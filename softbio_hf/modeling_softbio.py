@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ _PARTS = (
     ("loss_weights", "loss_weights"),
 )
 SUPPORTED_BACKBONES = ("clip_vision_model",)
+PIPELINE_FILES = ("pipeline_softbio.py", "faces.py")
 
 
 @dataclass
@@ -369,6 +372,7 @@ class SoftBioModel(SoftBioPreTrainedModel):
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             image_processor_for(self.config).save_pretrained(save_directory)
+            copy_pipeline_code(save_directory)
         return result
 
     @classmethod
@@ -383,6 +387,17 @@ class SoftBioModel(SoftBioPreTrainedModel):
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def copy_pipeline_code(save_directory: str | os.PathLike) -> None:
+    """
+    Put the pipeline's files beside the checkpoint (config.custom_pipelines points at them). Copied, not
+    imported, so loading the model alone as remote code never needs OpenCV or Pillow.
+    """
+    here = Path(__file__).parent
+    for name in PIPELINE_FILES:
+        if (here / name).is_file():  # absent when this file itself runs as partial remote code
+            shutil.copy(here / name, Path(save_directory) / name)
 
 
 def parameter_part(name: str) -> str:

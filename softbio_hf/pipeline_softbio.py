@@ -1,0 +1,326 @@
+"""pipeline("soft-biometrics"): every face in a photo, detected, cropped and classified."""
+
+from __future__ import annotations
+
+import io
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.pipelines.base import ChunkPipeline
+
+from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
+from .modeling_softbio import image_processor_for
+
+# A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_DOWNLOAD_BYTES = 25 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 10.0
+# Haar scores are neighbours / (neighbours + 5); 0.7 (12+ neighbours) drops most of its false positives.
+DEFAULT_THRESHOLDS = {"yunet": 0.6, "haar": 0.7, "none": 0.0}
+
+
+class ImageInputError(ValueError):
+    """An input that is not a usable image; the message names the input."""
+
+
+def describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(str(source))
+    if isinstance(source, (bytes, bytearray)):
+        return f"bytes ({len(source)} bytes)"
+    if isinstance(source, np.ndarray):
+        return f"array of shape {list(source.shape)} and dtype {source.dtype}"
+    if isinstance(source, Image.Image):
+        return f"PIL image ({source.mode}, {source.width}x{source.height})"
+    return f"object of type {type(source).__name__}"
+
+
+def _download(url: str, timeout: float, name: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "softbio"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ImageInputError(f"{name} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MB; download and resize it first.")
+    return data
+
+
+def _open(source: Any, timeout: float, name: str) -> Image.Image:
+    """An unloaded PIL image (header read only) for any supported input kind."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(bytes(source)))
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            return Image.open(io.BytesIO(_download(source, timeout, name)))
+        except OSError as error:
+            if isinstance(error, UnidentifiedImageError):
+                raise
+            raise ImageInputError(f"Could not download {name} within {timeout:g}s: {error}.") from error
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageInputError(f"{name}: no such image file; check the path.")
+        return Image.open(path)
+    raise ImageInputError(
+        f"{name} is not a supported input. Pass a file path, an http(s) URL, a PIL image, "
+        "a numpy array (H x W x 3 RGB) or the image's bytes."
+    )
+
+
+def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageInputError(
+            f"{name} is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel cap that guards "
+            "against decompression bombs; downscale it first or pass a larger max_pixels."
+        )
+
+
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or min(array.shape[:2]) < 1:
+        raise ImageInputError(f"{name} is not an image: expected H x W, H x W x 3 (RGB) or H x W x 4 (RGBA).")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.shape[2] == 4:
+        return np.asarray(_flatten_alpha(Image.fromarray(array, "RGBA")))
+    return np.ascontiguousarray(array)
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, as a viewer shows them, not the black of a plain convert()."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image).astype(np.float32)
+        if image.mode != "F" and array.max() > 255:  # 16-bit data
+            array = array / 257.0
+        return _array_to_rgb(np.clip(array, 0, 255).round().astype(np.uint8), "image")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return np.asarray(_flatten_alpha(image))
+    return np.asarray(image.convert("RGB"))
+
+
+def load_image(
+    source: Any, *, timeout: float = DEFAULT_TIMEOUT_S, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
+) -> np.ndarray:
+    """
+    Any supported input -> an RGB uint8 array, EXIF orientation applied. Errors are `ImageInputError`s
+    (a ValueError) that name the input and say what would fix it.
+    """
+    name = name or describe(source)
+    if isinstance(source, np.ndarray):
+        _check_pixels(source.shape[1] if source.ndim > 1 else 1, source.shape[0], name, max_pixels)
+        return _array_to_rgb(source, name)
+    try:
+        image = _open(source, timeout, name)
+        _check_pixels(image.width, image.height, name, max_pixels)  # before decoding a single pixel
+        image = ImageOps.exif_transpose(image)  # decodes
+        return _pil_to_rgb(image)
+    except ImageInputError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"{name} is too large to decode safely ({error}); downscale it first.") from error
+    except UnidentifiedImageError as error:
+        raise ImageInputError(f"{name} is not an image PIL can read (JPEG, PNG, WebP, ...): {error}.") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageInputError(
+            f"{name} could not be decoded ({error}); the file may be truncated or corrupt."
+        ) from error
+
+
+def fast_bf16_available(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that support it and on CPUs with native bf16 (AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bf16_available(device) else torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.")
+        return resolved
+    return dtype
+
+
+class SoftBiometricsPipeline(ChunkPipeline):
+    """
+    Photo in; every face found, largest first, each with its box, age group (and years), gender and emotion.
+
+    Call arguments: `detector` ("auto", "yunet", "haar", "none"), `threshold` (detection score; per-detector
+    default), `margin` (crop margin as a fraction of the face size, default 0.25), `max_faces`,
+    `min_face_size` (pixels, default 20), `detection_max_side` (detection runs on a copy at most this large,
+    default 800; raise it for small faces in group photos), `top_k` (how many scores per task to return),
+    `timeout` (URLs), `batch_size` (face crops per forward pass, across images).
+    """
+
+    _load_processor = False
+    _load_image_processor = None  # optional: rebuilt from the config when a model instance is given
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, dtype: str | torch.dtype | None = None, yunet_path: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.image_processor is None:
+            self.image_processor = image_processor_for(self.model.config)
+        target = resolve_dtype(dtype, self.device)
+        if target is not None and target != self.model.dtype:
+            self.model.to(target)
+        self.model.eval()
+        self.yunet_path = yunet_path
+        self._detectors: dict[str, Any] = {}
+
+    def _sanitize_parameters(
+        self,
+        detector: str | None = None,
+        threshold: float | None = None,
+        margin: float | None = None,
+        max_faces: int | None = None,
+        min_face_size: int | None = None,
+        detection_max_side: int | None = None,
+        top_k: int | None = None,
+        timeout: float | None = None,
+        **kwargs,
+    ):
+        preprocess = {
+            key: value
+            for key, value in {
+                "detector": detector,
+                "threshold": threshold,
+                "margin": margin,
+                "max_faces": max_faces,
+                "min_face_size": min_face_size,
+                "detection_max_side": detection_max_side,
+                "timeout": timeout,
+            }.items()
+            if value is not None
+        }
+        if margin is not None and not 0 <= margin <= 2:
+            raise ValueError(f"margin={margin}: use a fraction of the face size between 0 and 2 (default 0.25).")
+        postprocess = {"top_k": top_k} if top_k is not None else {}
+        return preprocess, {}, postprocess
+
+    def __call__(self, inputs, **kwargs):
+        """Validate every input before any model work, so one bad image in a list is named up front."""
+        timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT_S
+        single = not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
+        loaded = []
+        for index, item in enumerate(items):
+            name = describe(item) if single else f"input {index} ({describe(item)})"
+            loaded.append(load_image(item, timeout=timeout, name=name))
+        results = super().__call__(loaded, **kwargs)
+        return results[0] if single else results
+
+    def detector(self, name: str):
+        if name not in self._detectors:
+            self._detectors[name] = make_detector(name, self.yunet_path)
+        return self._detectors[name]
+
+    def preprocess(
+        self,
+        image: np.ndarray,
+        detector: str = "auto",
+        threshold: float | None = None,
+        margin: float = 0.25,
+        max_faces: int | None = None,
+        min_face_size: int = 20,
+        detection_max_side: int = DETECTION_MAX_SIDE,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ):
+        rgb = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else load_image(image, timeout=timeout)
+        face_detector = self.detector(detector)
+        if threshold is None:
+            threshold = DEFAULT_THRESHOLDS[face_detector.name]
+        faces = detect_faces(
+            face_detector,
+            rgb,
+            min_face_size=min_face_size,
+            score_threshold=threshold,
+            max_faces=max_faces,
+            max_side=detection_max_side,
+        )
+        height, width = rgb.shape[:2]
+        if not faces:  # one placeholder chunk keeps the image in the stream; postprocess drops it
+            size = self.model.config.image_size
+            yield {"pixel_values": torch.zeros(1, 3, size, size), "face": None, "is_last": True}
+            return
+        for i, face in enumerate(faces):
+            crop = crop_face(rgb, face, margin)
+            pixel_values = self.image_processor(images=crop, return_tensors="pt")["pixel_values"]
+            record = {"box": _int_box(face.box, width, height), "detection_score": round(face.score, 4)}
+            yield {"pixel_values": pixel_values, "face": record, "is_last": i == len(faces) - 1}
+
+    def _forward(self, model_inputs):
+        pixel_values = model_inputs["pixel_values"].to(device=self.model.device, dtype=self.model.dtype)
+        logits = self.model(pixel_values=pixel_values).logits
+        outputs = {f"probs_{task}": value.float().softmax(dim=-1) for task, value in logits.items()}
+        return {**outputs, "face": model_inputs["face"], "is_last": model_inputs["is_last"]}
+
+    def postprocess(self, model_outputs, top_k: int | None = None):
+        config = self.model.config
+        records = []
+        for output in model_outputs:
+            if output["face"] is None:
+                continue
+            record = dict(output["face"])
+            for task, labels in config.tasks.items():
+                probs = output[f"probs_{task}"].reshape(-1).tolist()
+                record[task] = _task_result(labels, probs, top_k)
+                if task == "age" and config.age_years:
+                    record[task]["years"] = round(sum(p * y for p, y in zip(probs, config.age_years, strict=True)), 1)
+            records.append(record)
+        records.sort(key=lambda r: _box_area(r["box"]), reverse=True)
+        return records
+
+
+def _task_result(labels: list[str], probs: list[float], top_k: int | None) -> dict[str, Any]:
+    ranked = sorted(zip(labels, probs, strict=True), key=lambda pair: pair[1], reverse=True)
+    if top_k is not None:
+        ranked = ranked[: max(1, top_k)]
+    return {"label": ranked[0][0], "score": round(ranked[0][1], 4), "scores": {k: round(v, 4) for k, v in ranked}}
+
+
+def _int_box(box, width: int, height: int) -> dict[str, int]:
+    xmin, ymin, xmax, ymax = box
+    return {
+        "xmin": max(0, int(np.floor(xmin))),
+        "ymin": max(0, int(np.floor(ymin))),
+        "xmax": min(width, int(np.ceil(xmax))),
+        "ymax": min(height, int(np.ceil(ymax))),
+    }
+
+
+def _box_area(box: dict[str, int]) -> int:
+    return (box["xmax"] - box["xmin"]) * (box["ymax"] - box["ymin"])

@@ -1,0 +1,313 @@
+"""pipeline("soft-biometrics") on real photos: faces found, cropped, classified; bad inputs named."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from photos import (
+    ASTRONAUT_KEYPOINTS,
+    GRACE_HOPPER_KEYPOINTS,
+    astronaut,
+    covers,
+    grace_hopper,
+    grace_hopper_path,
+    lfw_patch,
+    tiled_faces,
+)
+from PIL import Image
+from transformers import pipeline
+
+from softbio_hf import SoftBiometricsPipeline, SoftBioModel, load_image
+from softbio_hf.faces import Face, crop_matrix, make_detector
+from softbio_hf.pipeline_softbio import resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory):
+    from tiny import TINY_VISION
+
+    from softbio_hf import SoftBioConfig
+
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    folder = tmp_path_factory.mktemp("tiny-softbio")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_saved):
+    return pipeline("soft-biometrics", model=SoftBioModel.from_pretrained(tiny_saved), dtype="float32")
+
+
+def jpeg_bytes(array: np.ndarray, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=92, **save_kwargs)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- results
+def test_astronaut_gives_one_face_with_the_full_schema(pipe):
+    faces = pipe(astronaut(), detector="haar")
+    assert len(faces) == 1
+    face = faces[0]
+    assert covers(face["box"], ASTRONAUT_KEYPOINTS), face["box"]
+    assert 0 < face["detection_score"] <= 1
+    config = pipe.model.config
+    for task, labels in config.tasks.items():
+        result = face[task]
+        assert set(result["scores"]) == set(labels)
+        assert result["label"] == max(result["scores"], key=result["scores"].get)
+        assert result["score"] == max(result["scores"].values())
+        assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+    expected_years = sum(
+        face["age"]["scores"][label] * y for label, y in zip(config.tasks["age"], config.age_years, strict=True)
+    )
+    assert face["age"]["years"] == pytest.approx(expected_years, abs=0.2)
+
+
+def test_grace_hopper_from_a_path_gives_one_face(pipe):
+    faces = pipe(grace_hopper_path(), detector="haar")
+    assert len(faces) == 1 and covers(faces[0]["box"], GRACE_HOPPER_KEYPOINTS), faces
+
+
+def test_non_face_patches_give_no_face(pipe):
+    results = pipe([lfw_patch(i) for i in range(100, 200)], detector="haar", batch_size=16)
+    assert len(results) == 100
+    assert sum(len(r) for r in results) == 0
+
+
+def test_tiled_faces_are_all_found_largest_first(pipe):
+    faces = pipe(tiled_faces(), detector="haar")
+    assert len(faces) == 4
+    areas = [(f["box"]["xmax"] - f["box"]["xmin"]) * (f["box"]["ymax"] - f["box"]["ymin"]) for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    offset_astronaut = [(x, y) for x, y in ASTRONAUT_KEYPOINTS]  # top-left tile
+    assert any(covers(f["box"], offset_astronaut) for f in faces)
+    assert len(pipe(tiled_faces(), detector="haar", max_faces=2)) == 2
+
+
+def test_batch_size_does_not_change_results(pipe):
+    images = [astronaut(), tiled_faces(), lfw_patch(150), grace_hopper()]
+    one = pipe(images, detector="haar", batch_size=1)
+    eight = pipe(images, detector="haar", batch_size=8)
+    assert [len(r) for r in one] == [1, 4, 0, 1]
+    assert [[f["box"] for f in r] for r in one] == [[f["box"] for f in r] for r in eight]
+    for faces_one, faces_eight in zip(one, eight, strict=True):
+        for a, b in zip(faces_one, faces_eight, strict=True):
+            for task in ("age", "gender", "emotion"):
+                assert a[task]["label"] == b[task]["label"]
+                for label, score in a[task]["scores"].items():
+                    assert score == pytest.approx(b[task]["scores"][label], abs=1e-3)
+
+
+def test_detector_none_and_top_k(pipe):
+    faces = pipe(grace_hopper(), detector="none", top_k=2)
+    assert len(faces) == 1
+    assert faces[0]["box"] == {"xmin": 0, "ymin": 0, "xmax": 512, "ymax": 600}
+    assert all(len(faces[0][task]["scores"]) == 2 for task in ("age", "gender", "emotion"))
+
+
+def test_large_image_is_downscaled_for_detection_but_boxed_in_original_coordinates(pipe):
+    big = np.asarray(Image.fromarray(astronaut()).resize((3072, 3072), Image.BICUBIC))
+    faces = pipe(big, detector="haar")
+    assert len(faces) == 1
+    scaled = [(6 * x, 6 * y) for x, y in ASTRONAUT_KEYPOINTS]
+    assert covers(faces[0]["box"], scaled), faces[0]["box"]
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def test_every_input_kind_gives_the_same_face(pipe, tmp_path):
+    array = astronaut()
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(array).save(path)
+    inputs = [array, Image.fromarray(array), str(path), path, path.read_bytes()]
+    results = pipe(inputs, detector="haar")
+    boxes = [r[0]["box"] for r in results]
+    assert all(box == boxes[0] for box in boxes), boxes
+
+
+def test_image_modes_are_converted(tmp_path):
+    rgb = astronaut()
+    gray = Image.fromarray(rgb).convert("L")
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=-1)
+    rgba[:10, :10, 3] = 0  # transparent corner becomes white, not black
+    sixteen = (np.asarray(gray).astype(np.uint16) * 257).astype(np.uint16)
+    cmyk_buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk_buffer, format="JPEG")
+    palette = Image.fromarray(rgb).convert("P")
+    cases = {
+        "gray": gray,
+        "rgba": Image.fromarray(rgba, "RGBA"),
+        "rgba-array": rgba,
+        "16-bit": Image.fromarray(sixteen),
+        "cmyk": cmyk_buffer.getvalue(),
+        "palette": palette,
+        "float": rgb.astype(np.float32) / 255.0,
+    }
+    for name, value in cases.items():
+        out = load_image(value)
+        assert out.dtype == np.uint8 and out.shape == (512, 512, 3), name
+    assert (load_image(Image.fromarray(rgba, "RGBA"))[0, 0] == 255).all()
+    assert abs(int(load_image(Image.fromarray(sixteen))[200, 200, 0]) - int(np.asarray(gray)[200, 200])) <= 1
+
+
+def test_exif_orientation_is_applied(pipe):
+    rotated = np.rot90(astronaut(), k=1)  # stored sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with the tag that tells viewers to rotate it back upright
+    upright = load_image(jpeg_bytes(np.ascontiguousarray(rotated), exif=exif))
+    assert upright.shape == (512, 512, 3)
+    assert np.abs(upright.astype(int) - astronaut().astype(int)).mean() < 8
+    faces = pipe(jpeg_bytes(np.ascontiguousarray(rotated), exif=exif), detector="haar")
+    assert len(faces) == 1 and covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
+
+
+def test_urls_are_fetched_with_a_timeout(pipe):
+    body = jpeg_bytes(astronaut())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.jpg":
+                time.sleep(2)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        faces = pipe(f"{base}/astronaut.jpg", detector="haar")
+        assert len(faces) == 1 and covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
+        with pytest.raises(ValueError, match=r"slow\.jpg.*within 0\.5s"):
+            pipe(f"{base}/slow.jpg", timeout=0.5)
+    finally:
+        server.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_a_text_file_is_named_in_the_error(pipe, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    with pytest.raises(ValueError, match=r"notes\.txt.*not an image"):
+        pipe(str(notes))
+
+
+def test_a_truncated_jpeg_is_named_in_the_error(pipe, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpeg_bytes(astronaut())[:5000])
+    with pytest.raises(ValueError, match=r"broken\.jpg.*truncated or corrupt"):
+        pipe(str(broken))
+
+
+def test_one_bad_image_in_a_list_is_named_before_any_model_work(pipe, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"input 2 \(object of type dict\) is not a supported input"):
+        pipe([astronaut(), grace_hopper(), {"not": "an image"}])
+    with pytest.raises(ValueError, match=r"input 1 .*missing.jpg.*no such image file"):
+        pipe([astronaut(), str(tmp_path / "missing.jpg")])
+    assert calls == []
+
+
+def test_decompression_bombs_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)  # 400 Mpx that compresses to a few kB
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(ValueError, match=r"bomb\.png.*(too large|cap)"):
+        load_image(str(bomb))
+    with pytest.raises(ValueError, match=r"512x512 = 262,144 pixels, over the 100,000-pixel cap"):
+        load_image(astronaut().tobytes() and jpeg_bytes(astronaut()), max_pixels=100_000)
+
+
+def test_bad_arrays_and_options_are_clear(pipe):
+    with pytest.raises(ValueError, match=r"array of shape \[4, 4, 5\].*not an image"):
+        pipe(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="Unknown face detector 'mtcnn'"):
+        pipe(astronaut(), detector="mtcnn")
+    with pytest.raises(ValueError, match="margin"):
+        pipe(astronaut(), margin=-1)
+
+
+# --------------------------------------------------------------------------------- detectors and dtype
+def test_auto_detector_falls_back_to_haar_offline_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        detector = make_detector("auto")
+    assert detector.name == "haar"
+    assert "Haar" in caplog.text
+
+
+def test_missing_yunet_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx.*detector='haar'"):
+        make_detector("yunet", yunet_path=str(tmp_path / "missing.onnx"))
+
+
+def test_alignment_levels_the_eyes():
+    landmarks = np.array([[100, 120], [160, 100], [130, 140], [110, 170], [150, 160]], dtype=np.float32)
+    face = Face((80, 80, 180, 190), 0.9, landmarks)
+    matrix, side = crop_matrix(face, margin=0.25)
+    eyes = np.c_[landmarks[:2], np.ones(2)] @ matrix.T
+    assert abs(eyes[0, 1] - eyes[1, 1]) < 1e-3  # level after alignment
+    assert eyes[0, 0] < eyes[1, 0] and eyes.min() > 0 and eyes.max() < side
+
+
+def test_dtype_argument(tiny_saved):
+    pipe_bf16 = pipeline("soft-biometrics", model=SoftBioModel.from_pretrained(tiny_saved), dtype="bfloat16")
+    assert pipe_bf16.model.dtype == torch.bfloat16
+    faces = pipe_bf16(astronaut(), detector="haar")
+    assert len(faces) == 1 and faces[0]["gender"]["label"] in ("male", "female")
+    assert resolve_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="Unknown dtype 'float99'"):
+        resolve_dtype("float99", torch.device("cpu"))
+
+
+def test_registered_task_builds_our_pipeline(pipe):
+    assert isinstance(pipe, SoftBiometricsPipeline)
+
+
+REMOTE_PIPELINE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["softbio_hf"] = None
+    import numpy as np
+    from transformers import pipeline
+    pipe = pipeline(model=sys.argv[1], trust_remote_code=True, dtype="float32")
+    faces = pipe(sys.argv[2], detector="haar")
+    print(type(pipe).__module__, len(faces), faces[0]["box"]["xmin"], sorted(faces[0]))
+    """
+)
+
+
+def test_pipeline_loads_as_remote_code_without_our_package(tiny_saved, tmp_path):
+    script = tmp_path / "remote_pipeline.py"
+    script.write_text(REMOTE_PIPELINE)
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_saved), str(photo)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, count, _xmin, keys = result.stdout.split(" ", 3)
+    assert module.startswith("transformers_modules") and count == "1"
+    assert "'age'" in keys and "'emotion'" in keys and "'box'" in keys
