@@ -141,7 +141,7 @@ def load_image(
     except Image.DecompressionBombError as error:
         raise ImageInputError(f"{name} is too large to decode safely ({error}); downscale it first.") from error
     except UnidentifiedImageError as error:
-        raise ImageInputError(f"{name} is not an image PIL can read (JPEG, PNG, WebP, ...): {error}.") from error
+        raise ImageInputError(f"{name} is not an image: expected a JPEG, PNG, WebP, BMP, GIF or TIFF file.") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageInputError(
             f"{name} could not be decoded ({error}); the file may be truncated or corrupt."

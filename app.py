@@ -1,0 +1,300 @@
+"""softbio demo: age group, gender and emotion of every face in a photo (Gradio; runs as a Hugging Face Space).
+
+python app.py                       # zero-shot model from CLIP ViT-L/14@336, built once and cached
+python app.py --model DIR_OR_REPO   # a trained softbio checkpoint (or set SOFTBIO_MODEL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+MAX_UPLOAD = "10mb"
+DETECTOR_CHOICES = ["auto", "yunet", "haar", "none"]
+TASK_TITLES = {"age": "Age group", "gender": "Gender", "emotion": "Emotion"}
+BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
+
+ABOUT = """
+### How it works
+Each face is found by a face detector (OpenCV's YuNet when its small model file can be fetched, otherwise
+OpenCV's Haar cascade), cropped with a margin and aligned on the eyes, then classified by **one forward
+pass** of a CLIP vision transformer with three heads: age group (9 bins; *years* is the expectation over the
+bins), gender and emotion (7 classes). The default model is **zero-shot**: its heads are CLIP text embeddings
+of prompts such as "a photo of a smiling face", so no face data trained it. Fine-tuned checkpoints
+(LoRA, MTLoRA, ...) are much more accurate; pass one with `--model`.
+
+### Limits and biases
+- These are *apparent* attributes read from pixels: not identity, not self-described gender, not felt emotion.
+  Gender is a binary label here because the public benchmarks are; it cannot represent everyone.
+- Accuracy differs across age groups, skin tones and image conditions. The benchmarks behind it
+  (UTKFace, FairFace, RAF-DB) are imbalanced: few children under 3 and few people over 70, few fearful
+  or disgusted faces. Expect more errors on under-represented groups.
+- Do not use it to make decisions about people (access, hiring, policing, age verification).
+- Uploaded images are processed in memory and deleted right after the request; nothing is stored.
+"""
+
+
+# ------------------------------------------------------------------------------------------------ model
+class ModelUnavailable(RuntimeError):
+    """The model could not be loaded or built; the message says what to pass instead."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SOFTBIO_CACHE", Path.home() / ".cache" / "softbio"))
+
+
+def zero_shot_cache_dir(clip_id: str = DEFAULT_CLIP) -> Path:
+    return cache_root() / ("zero-shot--" + clip_id.replace("/", "--"))
+
+
+def load_model(name: str | None):
+    """A SoftBioModel and a description of it: the named checkpoint, or the cached zero-shot default."""
+    from softbio_hf import SoftBioModel
+
+    if name:
+        try:
+            return SoftBioModel.from_pretrained(name), name
+        except (OSError, ValueError) as error:
+            raise ModelUnavailable(
+                f"Could not load the softbio checkpoint {name!r}: {error}\n"
+                "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
+            ) from error
+    cached = zero_shot_cache_dir()
+    if (cached / "config.json").is_file():
+        return SoftBioModel.from_pretrained(cached), f"zero-shot {DEFAULT_CLIP} (cached at {cached})"
+    try:
+        model = SoftBioModel.from_clip(DEFAULT_CLIP)
+    except OSError as error:
+        raise ModelUnavailable(
+            f"The default model is built from {DEFAULT_CLIP} on the Hugging Face Hub, which could not be reached "
+            f"and is not cached ({type(error).__name__}).\n"
+            "Connect once to build and cache it, or pass a trained checkpoint: "
+            "python app.py --model DIR_OR_REPO (or set SOFTBIO_MODEL)."
+        ) from error
+    model.save_pretrained(cached)  # later starts load only the vision tower from here
+    return model, f"zero-shot {DEFAULT_CLIP}"
+
+
+def build_pipeline(model):
+    from transformers import pipeline
+
+    return pipeline("soft-biometrics", model=model, dtype="auto")
+
+
+# --------------------------------------------------------------------------------------------- analysis
+def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshold: float | None = None):
+    """Decode and run the pipeline; bad input becomes a readable message on the page and in the API."""
+    import gradio as gr
+
+    from softbio_hf import load_image
+
+    try:
+        rgb = load_image(data, name=name)
+        return rgb, pipe(rgb, detector=detector, threshold=threshold or None)  # threshold 0: detector default
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+
+
+def read_and_delete(path: str | None) -> tuple[bytes, str]:
+    """The upload's bytes; the file is removed at once so no uploaded image stays on disk."""
+    import gradio as gr
+
+    if not path:
+        raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.")
+    file = Path(path)
+    try:
+        return file.read_bytes(), repr(file.name)
+    finally:
+        file.unlink(missing_ok=True)
+
+
+def short_label(face: dict[str, Any]) -> str:
+    parts = []
+    if "gender" in face:
+        parts.append(face["gender"]["label"][0].upper())
+    if "age" in face:
+        parts.append(face["age"]["label"])
+    if "emotion" in face:
+        parts.append(face["emotion"]["label"])
+    return " ".join(parts)
+
+
+def annotate(rgb, faces: list[dict[str, Any]]):
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
+    for i, face in enumerate(faces):
+        box = face["box"]
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        draw.rectangle([box["xmin"], box["ymin"], box["xmax"], box["ymax"]], outline=colour, width=width)
+        text = f"{i + 1}: {short_label(face)}"
+        left, top, right, bottom = draw.textbbox((box["xmin"], box["ymin"]), text, font=font)
+        y = max(0, box["ymin"] - (bottom - top) - 2 * width)
+        draw.rectangle([left, y, right + 2 * width, y + (bottom - top) + 2 * width], fill=colour)
+        draw.text((box["xmin"] + width, y), text, fill="white", font=font)
+    return image
+
+
+def image_data_url(image, max_side: int = 1024) -> str:
+    """Inline JPEG: the annotated photo is never written to the server's disk."""
+    image = image.copy()
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def bars_html(scores: dict[str, float]) -> str:
+    rows = []
+    for label, score in sorted(scores.items(), key=lambda item: item[1], reverse=True):
+        rows.append(
+            f'<div class="sb-row"><span class="sb-label">{html.escape(label)}</span>'
+            f'<span class="sb-bar"><span style="width:{100 * score:.1f}%"></span></span>'
+            f'<span class="sb-score">{100 * score:.1f}%</span></div>'
+        )
+    return "".join(rows)
+
+
+def result_html(annotated, faces: list[dict[str, Any]]) -> str:
+    parts = [f'<img class="sb-photo" alt="photo with face boxes" src="{image_data_url(annotated)}">']
+    if not faces:
+        parts.append(
+            '<p class="sb-none">No face found. Try another detector, a lower threshold, or detector "none" '
+            "if the photo is already a face crop.</p>"
+        )
+    for i, face in enumerate(faces):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        cards = []
+        for task, title in TASK_TITLES.items():
+            if task not in face:
+                continue
+            headline = face[task]["label"]
+            if task == "age" and "years" in face[task]:
+                headline += f" (about {face[task]['years']:.0f} years)"
+            cards.append(
+                f"<div class='sb-task'><h4>{title}: {html.escape(headline)}</h4>{bars_html(face[task]['scores'])}</div>"
+            )
+        parts.append(f'<div class="sb-face" style="border-color:{colour}"><h3>Face {i + 1}</h3>{"".join(cards)}</div>')
+    return f'<div class="sb-result">{"".join(parts)}</div>'
+
+
+CSS = """
+.sb-photo {max-width: 100%; border-radius: 8px;}
+.sb-face {border-left: 6px solid; padding: 4px 12px; margin: 12px 0;}
+.sb-task h4 {margin: 6px 0 2px;}
+.sb-row {display: flex; align-items: center; gap: 8px; font-size: 0.9em;}
+.sb-label {width: 80px;}
+.sb-bar {flex: 1; background: #eee; border-radius: 4px; height: 10px; overflow: hidden;}
+.sb-bar span {display: block; height: 100%; background: #4363d8;}
+.sb-score {width: 52px; text-align: right;}
+"""
+
+
+# ------------------------------------------------------------------------------------------------- page
+def build_demo(pipe, model_name: str):
+    import gradio as gr
+
+    def analyze_upload(path, detector, threshold):
+        data, name = read_and_delete(path)
+        rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
+        return result_html(annotate(rgb, faces), faces), faces
+
+    def analyze_frame(frame, detector, threshold):
+        if frame is None:
+            return ""
+        faces = pipe(frame, detector=detector, threshold=threshold or None)
+        return result_html(annotate(frame, faces), faces)
+
+    def analyze_api(path, detector="auto", threshold=0.0):
+        """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
+        data, name = read_and_delete(path)
+        return analyze_bytes(pipe, data, name, detector or "auto", threshold)[1]
+
+    with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=(600, 600)) as demo:
+        gr.Markdown(
+            "# softbio\nAge group, gender and emotion of every face in a photo, from one forward pass of a CLIP "
+            f"vision model.\n\n**Model in use:** `{model_name}`"
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Tab("Photo"):
+                    photo = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"], elem_id="photo")
+                    run = gr.Button("Analyze", variant="primary", elem_id="analyze")
+                    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+                    if examples:
+                        gr.Examples(examples=examples, inputs=photo, label="Public-domain examples")
+                with gr.Tab("Webcam (live)"):
+                    webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
+                detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Face detector")
+                threshold = gr.Slider(
+                    0.0, 1.0, value=0.0, step=0.05, label="Detection threshold (0 = detector default)"
+                )
+            with gr.Column(scale=1):
+                result = gr.HTML(label="Result", elem_id="sb-result")
+                with gr.Accordion("JSON", open=False):
+                    as_json = gr.JSON(label="Pipeline output")
+        with gr.Accordion("How it works, limits and biases", open=False):
+            gr.Markdown(ABOUT)
+
+        run.click(analyze_upload, [photo, detector, threshold], [result, as_json], api_visibility="private")
+        webcam.stream(
+            analyze_frame,
+            [webcam, detector, threshold],
+            [result],
+            stream_every=0.5,
+            time_limit=120,
+            api_visibility="private",
+        )
+        # The API endpoint: a file in, the pipeline's JSON out (gradio_client: api_name="/analyze").
+        api_file = gr.File(visible=False, type="filepath")
+        api_detector = gr.Textbox(visible=False, value="auto")
+        api_threshold = gr.Number(visible=False, value=0.0)
+        api_out = gr.JSON(visible=False)
+        api_trigger = gr.Button(visible=False)
+        api_trigger.click(analyze_api, [api_file, api_detector, api_threshold], api_out, api_name="analyze")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="softbio demo: age group, gender and emotion of every face in a photo.",
+        epilog="Without --model the zero-shot model is built from "
+        f"{DEFAULT_CLIP} once (needs the Hub) and cached under $SOFTBIO_CACHE (default ~/.cache/softbio).",
+    )
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("SOFTBIO_MODEL"),
+        help="softbio checkpoint: a local folder or a Hub repo id (env SOFTBIO_MODEL). Default: zero-shot CLIP.",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests analysed at once (default 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, name = load_model(args.model)
+    except ModelUnavailable as error:
+        print(f"softbio: {error}", file=sys.stderr)
+        return 2
+    demo = build_demo(build_pipeline(model), name)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

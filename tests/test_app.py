@@ -1,0 +1,155 @@
+"""The Gradio demo, launched for real on 127.0.0.1: API via gradio_client, page via headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from photos import ASTRONAUT_KEYPOINTS, covers
+from tiny import TINY_VISION
+
+from softbio_hf import SoftBioConfig, SoftBioModel
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("SOFTBIO_ARTIFACTS", REPO / "artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"app.py did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    model.save_pretrained(root / "ckpt")
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(root / "gradio-tmp"),
+    }
+    log = root / "app.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--model", str(root / "ckpt"), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(url, process, log)
+        yield {"url": url, "root": root, "temp": root / "gradio-tmp", "log": log}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_api_analyze_returns_the_astronaut_face(app):
+    client = Client(app["url"], verbose=False)
+    faces = client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", 0, api_name="/analyze")
+    assert len(faces) == 1
+    assert covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
+    assert {"age", "gender", "emotion", "box", "detection_score"} <= set(faces[0])
+
+
+def test_api_bad_upload_is_a_readable_error_and_the_app_keeps_serving(app, tmp_path):
+    client = Client(app["url"], verbose=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(Exception, match=r"notes\.txt.*is not an image"):
+        client.predict(handle_file(str(notes)), "auto", 0, api_name="/analyze")
+    faces = client.predict(handle_file(str(REPO / "examples" / "grace_hopper.jpg")), "haar", 0, api_name="/analyze")
+    assert len(faces) == 1
+
+
+def test_uploads_are_not_kept_on_disk(app, tmp_path):
+    upload = tmp_path / "private-upload-7f3a.jpg"
+    shutil.copy(REPO / "examples" / "astronaut.jpg", upload)
+    client = Client(app["url"], verbose=False)
+    assert len(client.predict(handle_file(str(upload)), "haar", 0, api_name="/analyze")) == 1
+    body = upload.read_bytes()
+    leftovers = [p for p in app["temp"].rglob("*") if p.is_file() and (p.name == upload.name or p.read_bytes() == body)]
+    assert leftovers == []
+
+
+def test_offline_without_a_model_says_what_to_pass(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SOFTBIO_CACHE": str(tmp_path / "empty"), "SOFTBIO_MODEL": ""}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "--model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_the_options():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    for option in ("--model", "--host", "--port", "SOFTBIO_MODEL"):
+        assert option in result.stdout
+
+
+def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "needs Debian's chromium: apt-get install -y chromium (as .ci/run does)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes()[:4000])
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app["url"], wait_until="load")
+            page.wait_for_selector("#analyze", timeout=60_000)
+            assert "Model in use" in page.content()
+            page.set_input_files("#photo input[type=file]", str(REPO / "examples" / "astronaut.jpg"))
+            page.wait_for_timeout(500)
+            page.click("#analyze")
+            page.wait_for_selector("#sb-result .sb-face", timeout=60_000)
+            text = page.inner_text("#sb-result")
+            for expected in ("Face 1", "Age group", "Gender", "Emotion", "years"):
+                assert expected in text
+            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+            page.set_input_files("#photo input[type=file]", str(broken))
+            page.wait_for_timeout(500)
+            page.click("#analyze")
+            page.wait_for_selector("text=truncated or corrupt", timeout=60_000)
+        finally:
+            browser.close()
