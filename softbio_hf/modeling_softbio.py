@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,19 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, is_torchvision_available
 
 from .configuration_softbio import SoftBioConfig
+from .mtlora import (
+    install_task_layers,
+    resolve_task_ranks,
+    task_block_indices,
+    task_layer_names,
+    task_stream_tokens,
+)
+
+try:  # only needed to train LoRA/DoRA/MTLoRA or to load an unmerged adapter checkpoint; merged ones need no peft
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+except ImportError:
+    LoraConfig = inject_adapter_in_model = LoraLayer = None
 
 IGNORE_INDEX = -100
 # Hub arguments of from_pretrained that also apply when reading the checkpoint's own config.
@@ -31,6 +45,13 @@ _PARTS = (
     ("loss_weights", "loss_weights"),
 )
 SUPPORTED_BACKBONES = ("clip_vision_model",)
+# The study's rows (DESIGN.md): zero-shot, linear probe, last-k blocks, and the adapter methods.
+METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
+ADAPTER_METHODS = ("lora", "dora", "loraplus", "mtlora")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# Names of trainable low-rank parameters: peft's LoRA/DoRA and MTLoRA's pairs.
+_ADAPTER_MARKERS = ("lora_", ".shared_A", ".shared_B", ".task_A.", ".task_B.")
+_B_MARKERS = ("lora_B", ".shared_B", ".task_B.")
 PIPELINE_FILES = ("pipeline_softbio.py", "faces.py")
 
 
@@ -64,8 +85,13 @@ class SoftBioAttentionPooling(nn.Module):
         mlp_width = int(hidden * config.pooling_mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_width), nn.GELU(), nn.Linear(mlp_width, hidden))
 
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        tasks = list(self.probes)
+    def forward(self, tokens: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Shared tokens: all queries in one call. Per-task tokens (MTLoRA streams): each task its own."""
+        if isinstance(tokens, dict):
+            return {task: self._attend([task], task_tokens)[task] for task, task_tokens in tokens.items()}
+        return self._attend(list(self.probes), tokens)
+
+    def _attend(self, tasks: list[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         queries = torch.cat([self.probes[t] for t in tasks], dim=1).expand(tokens.shape[0], -1, -1)
         pooled, _ = self.attention(queries.to(tokens.dtype), tokens, tokens, need_weights=False)
         pooled = pooled + self.mlp(self.layernorm(pooled))
@@ -158,6 +184,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
                 f"supported: {SUPPORTED_BACKBONES}."
             )
         self.backbone = AutoModel.from_config(config.vision_config)
+        if config.adapter:  # a checkpoint rebuilds the layers its method added
+            self._install_adapter_layers(config.adapter)
         hidden = config.vision_config.hidden_size
         feature_dim = config.projection_dim or hidden
         self.visual_projection = nn.Linear(hidden, feature_dim, bias=False) if config.projection_dim else nn.Identity()
@@ -216,11 +244,22 @@ class SoftBioModel(SoftBioPreTrainedModel):
         hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
         return self.backbone.post_layernorm(hidden)
 
-    def pool(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.pooling is None:
-            cls_token = tokens[:, 0]
-            return dict.fromkeys(self.config.tasks, cls_token)
-        return self.pooling(tokens)
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Backbone tokens: one tensor shared by all tasks, or per task (MTLoRA's task streams)."""
+        if self.uses_task_streams:
+            return task_stream_tokens(self.backbone, pixel_values, self.config.task_names)
+        return self.backbone_tokens(pixel_values)
+
+    @property
+    def uses_task_streams(self) -> bool:
+        return (self.config.adapter or {}).get("method") == "mtlora"
+
+    def pool(self, tokens: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.pooling is not None:
+            return self.pooling(tokens)
+        if isinstance(tokens, dict):  # position 0 of each task's streams is its final CLS token
+            return {task: task_tokens[:, 0] for task, task_tokens in tokens.items()}
+        return dict.fromkeys(self.config.tasks, tokens[:, 0])
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         features = self.visual_projection(pooled)
@@ -239,7 +278,7 @@ class SoftBioModel(SoftBioPreTrainedModel):
         self._check_pixel_values(pixel_values)
         targets = self._collect_labels(labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels})
         pixel_values = pixel_values.to(self.backbone.dtype)
-        pooled = self.pool(self.backbone_tokens(pixel_values))
+        pooled = self.pool(self.encode(pixel_values))
 
         features: dict[str, torch.Tensor] = {}
         projected_by_input: dict[int, torch.Tensor] = {}  # "cls" pooling shares one tensor: project it once
@@ -308,6 +347,186 @@ class SoftBioModel(SoftBioPreTrainedModel):
             "total": sum(r["total"] for r in rows.values()),
         }
         return [*rows.values(), total]
+
+    # --------------------------------------------------------------------------------------- adapters
+    def apply_method(
+        self,
+        method: str,
+        *,
+        rank: int = 16,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        target_modules: list[str] | tuple[str, ...] | None = None,
+        last_k: int | None = None,
+        task_rank: int | dict[str, int] = 4,
+        task_scale: float = 1.0,
+        loraplus_ratio: float = 16.0,
+        pooling: str | None = "attention",
+    ) -> SoftBioModel:
+        """
+        Prepare the model for one of the study's rows and freeze what should not train. The choice is recorded
+        in `config.adapter`, so a checkpoint says how it was made.
+
+        - "zs": nothing trains. "lp": pooling + heads. "ft": the last `last_k` blocks too (default 4).
+        - "lora" / "dora" / "loraplus": peft low-rank adapters (rank, alpha = 2 x rank by default, dropout) on
+          `target_modules` (default: q/k/v/out projections and both MLP linears) of all blocks, or the last
+          `last_k`. "loraplus" also makes `optimizer_groups` train the B matrices at `loraplus_ratio` x the rate.
+        - "mtlora": shared adapters of rank `rank` everywhere, task-specific ones of rank `task_rank` (an int or
+          task -> int) in the last block of each quarter, scaled by `task_scale`; per-task pooling of the streams.
+        Trainable methods switch the pooling to `pooling` ("attention" by default; None keeps the current one).
+        """
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+        if (self.config.adapter or {}).get("method") in ADAPTER_METHODS:
+            raise ValueError(
+                f"This model already carries {self.config.adapter['method']!r} adapters; apply a method to a fresh "
+                "model (from_clip or a merged checkpoint)."
+            )
+        if method == "zs":
+            self.requires_grad_(False)
+            self.config.adapter = {"method": "zs"}
+            return self
+        if pooling is not None:
+            self._set_pooling(pooling)
+        if method in ("lp", "ft"):
+            blocks = 0 if method == "lp" else (last_k or 4)
+            self.apply_trainable_blocks(blocks)
+            self.config.adapter = {"method": method, **({"last_k": blocks} if method == "ft" else {})}
+            return self
+        adapter = self._adapter_settings(method, rank, alpha, dropout, target_modules, last_k, task_rank, task_scale)
+        if method == "loraplus":
+            adapter["loraplus_ratio"] = float(loraplus_ratio)
+        self._install_adapter_layers(adapter)
+        self.config.adapter = adapter
+        self.config.trainable_blocks = 0
+        self._freeze_all_but_adapters()
+        return self
+
+    def _adapter_settings(self, method, rank, alpha, dropout, target_modules, last_k, task_rank, task_scale) -> dict:
+        alpha = 2 * rank if alpha is None else alpha
+        for setting, value in (("rank", rank), ("alpha", alpha)):
+            if not value or value <= 0:
+                raise ValueError(f"{setting} must be > 0, got {value}.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        num_layers = self.config.num_backbone_layers
+        if last_k is not None and not 1 <= last_k <= num_layers:
+            raise ValueError(f"last_k={last_k}: adapt the last 1..{num_layers} blocks, or None for all.")
+        adapter = {
+            "method": method,
+            "rank": int(rank),
+            "alpha": float(alpha),
+            "dropout": float(dropout),
+            "target_modules": list(target_modules or DEFAULT_TARGET_MODULES),
+            "last_k": last_k,
+            "merged": False,
+        }
+        if method == "mtlora":
+            if task_scale <= 0:
+                raise ValueError(f"task_scale must be > 0, got {task_scale}.")
+            resolve_task_ranks(task_rank, self.config.task_names)  # validates names and values
+            adapter.update(
+                task_rank=task_rank, task_scale=float(task_scale), task_blocks=task_block_indices(num_layers)
+            )
+        lora_target_names(self.backbone, adapter)  # validates the targets before anything changes
+        return adapter
+
+    def _install_adapter_layers(self, adapter: dict) -> None:
+        """Add the layers a method needs: MTLoRA's task layers (always) and peft LoRA (until merged)."""
+        if adapter.get("method") not in ADAPTER_METHODS:
+            return
+        if adapter["method"] == "mtlora":
+            install_task_layers(self.backbone, adapter, self.config.task_names)
+        if adapter.get("merged"):
+            return
+        if LoraConfig is None:
+            raise ImportError(
+                f"A model with unmerged {adapter['method']!r} adapters needs peft: pip install 'peft>=0.18'. "
+                "Merged checkpoints (merge_adapters) load without it."
+            )
+        names = lora_target_names(self.backbone, adapter)
+        lora_config = LoraConfig(
+            r=adapter["rank"],
+            lora_alpha=adapter["alpha"],
+            lora_dropout=adapter["dropout"],
+            target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+            use_dora=adapter["method"] == "dora",
+            bias="none",
+        )
+        inject_adapter_in_model(lora_config, self.backbone)
+
+    def _set_pooling(self, pooling: str) -> None:
+        if pooling == self.config.pooling:
+            return
+        self.config.pooling = pooling
+        self.config._validate()
+        if pooling == "attention":
+            parameter = (
+                self.visual_projection.weight
+                if self.config.projection_dim
+                else self.heads[self.config.task_names[0]].classifier.weight
+            )
+            self.pooling = SoftBioAttentionPooling(self.config).to(device=parameter.device, dtype=parameter.dtype)
+            self._init_weights(self.pooling)
+        else:
+            self.pooling = None
+
+    def _freeze_all_but_adapters(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(any(marker in name for marker in _ADAPTER_MARKERS))
+        for module in (self.pooling, self.heads, self.loss_weights):
+            if module is not None:
+                module.requires_grad_(True)
+
+    def merge_adapters(self) -> SoftBioModel:
+        """
+        Fold the peft adapters (LoRA, DoRA, MTLoRA's shared ones) into the backbone weights, in place, and
+        return the model: a plain SoftBioModel that runs at full speed and saves/loads without peft.
+        MTLoRA's task-specific layers stay (they are rebuilt from the config when loading).
+        """
+        adapter = self.config.adapter or {}
+        if adapter.get("method") not in ADAPTER_METHODS or adapter.get("merged"):
+            return self
+        for name, module in list(self.backbone.named_modules()):
+            if LoraLayer is not None and isinstance(module, LoraLayer):
+                module.merge()
+                parent_name, _, attribute = name.rpartition(".")
+                setattr(self.backbone.get_submodule(parent_name), attribute, module.get_base_layer())
+        self.config.adapter = {**adapter, "merged": True}
+        return self
+
+    def optimizer_groups(
+        self,
+        lr: float,
+        *,
+        loraplus_ratio: float | None = None,
+        weight_decay: float = 0.01,
+        head_lr: float | None = None,
+    ) -> list[dict]:
+        """
+        Parameter groups for torch.optim, one per kind of trainable parameter: low-rank B matrices (LoRA+:
+        `loraplus_ratio` x lr; default from the config for "loraplus", else 1), the other adapter parameters,
+        backbone blocks, pooling + heads (`head_lr`, default lr) and loss weights. Biases, norms, probes and
+        log-variances get no weight decay.
+        """
+        ratio = loraplus_ratio or (self.config.adapter or {}).get("loraplus_ratio") or 1.0
+        rates = {"adapter_B": lr * ratio, "adapter": lr, "backbone": lr, "head": head_lr or lr, "loss_weights": lr}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            kind = parameter_kind(name)
+            decays = param.ndim >= 2 and kind != "loss_weights" and ".probes." not in name
+            groups.setdefault((kind, decays), []).append(param)
+        return [
+            {
+                "name": kind if decays else f"{kind}_no_decay",
+                "params": params,
+                "lr": rates[kind],
+                "weight_decay": weight_decay if decays else 0.0,
+            }
+            for (kind, decays), params in groups.items()
+        ]
 
     # ---------------------------------------------------------------------------------- build and I/O
     @classmethod
@@ -400,8 +619,48 @@ def copy_pipeline_code(save_directory: str | os.PathLike) -> None:
             shutil.copy(here / name, Path(save_directory) / name)
 
 
+def lora_target_names(backbone: nn.Module, adapter: dict) -> list[str]:
+    """
+    Backbone linears that get peft LoRA: those whose name ends with a target, in the chosen blocks, minus
+    MTLoRA's task-specific layers (which carry their own shared pair). Unmatched targets are an error.
+    """
+    linears = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
+    targets = adapter["target_modules"]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(
+            f"target_modules {unmatched} match no linear layer of the backbone. Its linear layers are named "
+            f"{suffixes} (e.g. {linears[0]!r})."
+        )
+    num_layers = len(backbone.encoder.layers)
+    first = num_layers - adapter["last_k"] if adapter.get("last_k") else 0
+    allowed = {f"encoder.layers.{i}." for i in range(first, num_layers)}
+    excluded = set(task_layer_names(adapter, num_layers)) if adapter["method"] == "mtlora" else set()
+    return [
+        n
+        for n in linears
+        if any(n == t or n.endswith("." + t) for t in targets)
+        and any(n.startswith(prefix) for prefix in allowed)
+        and n not in excluded
+    ]
+
+
+def parameter_kind(name: str) -> str:
+    """Optimizer-group kind of a parameter (see optimizer_groups)."""
+    if any(marker in name for marker in _B_MARKERS):
+        return "adapter_B"
+    if any(marker in name for marker in _ADAPTER_MARKERS):
+        return "adapter"
+    if name.startswith(("pooling", "heads")):
+        return "head"
+    if name.startswith("loss_weights"):
+        return "loss_weights"
+    return "backbone"
+
+
 def parameter_part(name: str) -> str:
-    if "lora_" in name or "mtlora" in name:
+    if any(marker in name for marker in _ADAPTER_MARKERS):
         return "adapters"
     for prefix, part in _PARTS:
         if name.startswith(prefix):

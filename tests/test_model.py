@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from remote import run_without_softbio
 from safetensors import safe_open
 from tiny import TINY_VISION, one_prompt_each
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel, CLIPTokenizer
@@ -234,42 +232,6 @@ def test_save_writes_safetensors_processor_and_auto_map(tiny_model, tmp_path):
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 32, "width": 32}
     assert processor["image_mean"] == pytest.approx(tiny_model.config.image_mean)
-
-
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["softbio_hf"] = None  # make sure our package cannot be imported
-    import torch
-    from transformers import AutoImageProcessor, AutoModel
-    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
-    processor = AutoImageProcessor.from_pretrained(sys.argv[1])
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    x = torch.load(sys.argv[2])
-    with torch.no_grad():
-        logits = model(x).logits
-    torch.save({k: v for k, v in logits.items()}, sys.argv[3])
-    print(type(processor).__name__, processor.crop_size["height"])
-    """
-)
-
-
-def run_without_softbio(tmp_path, model_dir, x) -> dict[str, torch.Tensor]:
-    torch.save(x, tmp_path / "x.pt")
-    script = tmp_path / "remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "32" in result.stdout
-    return torch.load(tmp_path / "out.pt")
 
 
 def test_checkpoint_loads_as_remote_code_without_our_package(tiny_model, tmp_path):

@@ -1,0 +1,45 @@
+"""Run a checkpoint in a fresh process that cannot import softbio_hf (nor peft): remote code only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["softbio_hf"] = None  # our package cannot be imported ...
+    sys.modules["peft"] = None  # ... nor peft: shipped checkpoints must not need it
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(sys.argv[1])
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    x = torch.load(sys.argv[2])
+    with torch.no_grad():
+        logits = model(x).logits
+    torch.save({k: v for k, v in logits.items()}, sys.argv[3])
+    print(type(processor).__name__, processor.crop_size["height"])
+    """
+)
+
+
+def run_without_softbio(tmp_path, model_dir, x) -> dict[str, torch.Tensor]:
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "32" in result.stdout
+    return torch.load(tmp_path / "out.pt")
