@@ -1,0 +1,221 @@
+"""train/data.py on small trees in each benchmark's exact layout, broken files included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, load_from_disk
+from datasets import Image as ImageFeature
+from datasets_fixtures import (
+    face_like,
+    make_fairface,
+    make_folder,
+    make_rafdb,
+    make_utkface,
+    make_vggface2,
+    write_jpeg,
+)
+
+from softbio_hf import SoftBioConfig, image_processor_for
+from train.data import (
+    IGNORE,
+    SoftBioCollator,
+    age_to_bin,
+    balanced_sampler,
+    balanced_weights,
+    fairface_from_hub,
+    main,
+    prepare,
+    stats,
+)
+
+
+def rows_by_split(splits) -> dict[str, int]:
+    return {name: len(part) for name, part in splits.items()}
+
+
+def test_age_bins():
+    assert [age_to_bin(a) for a in (0, 2, 3, 9, 10, 19, 20, 69, 70, 116)] == [0, 0, 1, 1, 2, 2, 3, 7, 8, 8]
+
+
+def test_utkface_counts_and_skips_malformed_and_broken_files(tmp_path):
+    expected = make_utkface(tmp_path / "UTKFace")
+    splits, report = prepare("utkface", tmp_path / "UTKFace", tmp_path / "out", image_size=32)
+    assert sum(rows_by_split(splits).values()) == expected["good"]
+    assert report["skipped"]["counts"] == {"malformed file name": 4, "unreadable image": 1, "empty file": 1}
+    assert "24_0_1_20170116220224657 .jpg.chip.jpg" in report["skipped"]["examples"]["malformed file name"]
+    every = [row for part in splits.values() for row in part]
+    by_years = {row["age_years"]: row for row in every}
+    assert by_years[72.0]["age"] == 8 and by_years[72.0]["gender"] == 1 and by_years[72.0]["race"] == "Others"
+    assert by_years[1.0]["age"] == 0 and by_years[1.0]["race"] == "White"
+    assert by_years[50.0]["image"].mode == "RGB"  # the grayscale file was converted
+    assert all(row["emotion"] == IGNORE and min(row["image"].size) == 32 for row in every)
+    again, _ = prepare("utkface", tmp_path / "UTKFace", tmp_path / "out2", image_size=32)
+    assert rows_by_split(again) == rows_by_split(splits)  # the documented split is deterministic
+    assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["images_per_second"] > 0
+
+
+def test_utkface_prepare_uses_worker_processes(tmp_path):
+    root = tmp_path / "UTKFace"
+    for i in range(70):
+        write_jpeg(root / f"{i % 90}_{i % 2}_{i % 5}_201701161745{i:05d}.jpg", i)
+    splits, _ = prepare("utkface", root, tmp_path / "out", image_size=32, num_proc=2)
+    assert sum(rows_by_split(splits).values()) == 70
+
+
+@pytest.mark.parametrize("margin_folder", ["fairface-img-margin025-trainval", None])
+def test_fairface_labels_and_unknown_age(tmp_path, margin_folder):
+    make_fairface(tmp_path / "ff", margin_folder)
+    splits, report = prepare("fairface", tmp_path / "ff", tmp_path / "out", image_size=32)
+    assert rows_by_split(splits) == {"train": 5, "validation": 2}
+    assert report["skipped"]["counts"] == {"bad label": 1}
+    assert "fifty" in report["skipped"]["examples"]["bad label"][0]
+    train = splits["train"]
+    assert (train[1]["age"], train[1]["gender"], train[1]["race"]) == (8, 1, "White")  # "more than 70" is 70+
+    assert (train[0]["age"], train[0]["gender"]) == (6, 0)  # 50-59
+    assert train[4]["image"].mode == "RGB"  # the PNG with alpha
+
+
+def test_fairface_from_the_hub_layout():
+    age = ClassLabel(names=["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"])
+    gender = ClassLabel(names=["Male", "Female"])
+    race = ClassLabel(names=["East Asian", "Indian", "Black", "White", "Middle Eastern", "Latino_Hispanic"])
+    features = Features({"image": ImageFeature(), "age": age, "gender": gender, "race": race})
+    part = Dataset.from_dict(
+        {"image": [face_like(1), face_like(2)], "age": [8, 2], "gender": [1, 0], "race": [3, 0]}, features=features
+    )
+    rows = fairface_from_hub(DatasetDict({"train": part, "validation": part.select([1])}))
+    assert [(r["age"], r["gender"], r["race"], r["split"]) for r in rows] == [
+        (8, 1, "White", "train"),
+        (2, 0, "East Asian", "train"),
+        (2, 0, "East Asian", "validation"),
+    ]
+
+
+def test_rafdb_maps_ids_and_skips_missing_files(tmp_path):
+    make_rafdb(tmp_path / "raf")
+    splits, report = prepare("rafdb", tmp_path / "raf", tmp_path / "out", image_size=32)
+    assert rows_by_split(splits) == {"train": 6, "test": 2}
+    assert report["skipped"]["counts"] == {"missing image": 1}
+    assert splits["train"]["emotion"] == [0, 3, 3, 6, 5, 1]  # ids 1..7 -> surprise..neutral
+    assert splits["test"]["emotion"] == [2, 4]
+
+
+def test_vggface2_gender_from_meta_and_synthetic_ages(tmp_path):
+    ages = make_vggface2(tmp_path / "vgg")
+    splits, report = prepare("vggface2", tmp_path / "vgg", tmp_path / "out", image_size=32, age_csv=ages)
+    assert rows_by_split(splits) == {"train": 5, "test": 1}
+    assert report["skipped"]["counts"] == {"bad age": 1}
+    train = splits["train"]
+    assert train["gender"] == [0, 0, 0, 1, 1]
+    assert train["age"] == [4, IGNORE, IGNORE, IGNORE, 8]
+    assert set(train["dataset"]) == {"vggface2"}
+
+
+def test_own_folder_with_metadata(tmp_path):
+    make_folder(tmp_path / "mine")
+    splits, report = prepare("folder", tmp_path / "mine", tmp_path / "out", image_size=32)
+    assert rows_by_split(splits) == {"train": 2, "test": 1}
+    assert report["skipped"]["counts"] == {"bad label": 1}
+    first = splits["train"][0]
+    assert (first["age"], first["age_years"], first["gender"], first["emotion"]) == (3, 27.0, 1, 3)
+    assert splits["test"][0]["emotion"] == 5 and splits["test"][0]["age"] == IGNORE
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("rafdb", r"EmoLabel/list_patition_label\.txt.*RAF-DB"),
+        ("fairface", r"fairface-img-margin025-trainval/train.*FairFace"),
+        ("folder", r"metadata\.csv.*your own image folder"),
+        ("vggface2", r"identity_meta\.csv.*VGGFace2"),
+        ("utkface", r"<age>_<gender>_<race>_<date>\.jpg.*UTKFace"),
+    ],
+)
+def test_wrong_layout_names_the_expected_file_and_the_source(tmp_path, dataset, expected, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "--dataset", dataset, "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert __import__("re").search(expected, capsys.readouterr().err)
+
+
+def test_stats_tables_and_cli(tmp_path, capsys):
+    make_rafdb(tmp_path / "raf")
+    make_folder(tmp_path / "mine")
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "rafdb",
+                "--root",
+                str(tmp_path / "raf"),
+                "--out",
+                str(tmp_path / "r"),
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert "train 6, test 2 rows" in capsys.readouterr().out
+    prepare("folder", tmp_path / "mine", tmp_path / "f", image_size=32)
+
+    raf = stats(load_from_disk(str(tmp_path / "r"))["train"])
+    emotion = {row["label"]: row for row in raf["classes"]["emotion"]}
+    assert emotion["happy"]["samples"] == 2 and emotion["happy"]["share"] == pytest.approx(33.33)
+    assert emotion["happy"]["weighted"] == pytest.approx(100 * np.sqrt(2) / (4 + np.sqrt(2)), abs=0.01)
+    assert emotion["disgust"]["samples"] == 0 and emotion["disgust"]["weighted"] == 0
+
+    assert main(["stats", str(tmp_path / "r"), str(tmp_path / "f"), "--json"]) == 0
+    combined = json.loads(capsys.readouterr().out)
+    assert combined["rows"] == 8
+    assert combined["coverage"] == {
+        "age": {"samples": 2, "share": 25.0},
+        "gender": {"samples": 1, "share": 12.5},
+        "emotion": {"samples": 7, "share": 87.5},
+    }
+    assert main(["stats", str(tmp_path / "r")]) == 0
+    table = capsys.readouterr().out
+    assert "weighted %" in table and "n_c^(1-alpha)" in table and "happy" in table
+
+
+def skewed() -> Dataset:
+    gender = [0] * 800 + [1] * 100 + [IGNORE] * 100
+    emotion = [IGNORE] * 900 + [3] * 90 + [1] * 10
+    return Dataset.from_dict({"gender": gender, "emotion": emotion, "age": [IGNORE] * 1000})
+
+
+def test_balanced_weights_follow_the_formula():
+    data = skewed()
+    weights = balanced_weights(data, class_alpha=1.0, task_alpha=1.0)
+    gender_mass, emotion_mass = weights[:900].sum(), weights[900:].sum()
+    assert gender_mass == pytest.approx(emotion_mass)  # tasks balanced
+    assert weights[:800].sum() == pytest.approx(weights[800:900].sum())  # classes balanced
+    assert weights[900:990].sum() == pytest.approx(weights[990:].sum())
+    natural = balanced_weights(data, class_alpha=0.0, task_alpha=0.0)
+    assert np.allclose(natural, natural[0])  # alpha 0: as the data comes
+
+
+def test_balanced_sampler_draws_rare_classes():
+    sampler = balanced_sampler(skewed(), num_samples=20_000, seed=0, class_alpha=1.0, task_alpha=1.0)
+    drawn = np.bincount(np.fromiter(iter(sampler), dtype=np.int64), minlength=1000)
+    fear_share = drawn[990:].sum() / drawn.sum()
+    assert 0.22 < fear_share < 0.28  # a quarter: half the draws are emotion rows, half of those fear
+
+
+def test_collator_makes_pixel_values_and_masked_labels():
+    processor = image_processor_for(SoftBioConfig(vision_config={"model_type": "clip_vision_model", "image_size": 32}))
+    rows = [
+        {"image": face_like(1, 48), "age": 3, "gender": 1, "emotion": IGNORE},
+        {"image": face_like(2, 40, mode="L"), "age": IGNORE, "gender": None, "emotion": 6},
+    ]
+    evaluation = SoftBioCollator(processor, train=False)(rows)
+    assert evaluation["pixel_values"].shape == (2, 3, 32, 32)
+    assert evaluation["age"].tolist() == [3, IGNORE] and evaluation["gender"].tolist() == [1, IGNORE]
+    assert torch.equal(evaluation["pixel_values"], SoftBioCollator(processor)(rows)["pixel_values"])
+    augmented = SoftBioCollator(processor, train=True, seed=1)(rows)["pixel_values"]
+    again = SoftBioCollator(processor, train=True, seed=1)(rows)["pixel_values"]
+    assert torch.equal(augmented, again) and not torch.equal(augmented, evaluation["pixel_values"])

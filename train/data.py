@@ -1,0 +1,639 @@
+"""The public face benchmarks in one `datasets` schema: read, prepare once, describe, combine, sample, collate.
+
+    python -m train.data prepare --dataset utkface --root UTKFace/ --out data/utkface
+    python -m train.data stats data/utkface data/fairface data/rafdb [--json]
+
+Unified row (DESIGN.md): image, age, gender, emotion (class ids; -100 = no label), age_years (exact age or
+None), race (fairness reports only), dataset, split. Label orders are the canonical ones of softbio_hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from softbio_hf import AGE_LABELS, EMOTION_LABELS, GENDER_LABELS, load_image
+from softbio_hf.pipeline_softbio import ImageInputError
+
+IGNORE = -100
+TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS, "emotion": EMOTION_LABELS}
+TASKS = tuple(TASK_LABELS)
+SPLITS = ("train", "validation", "test")
+# Age labels in these datasets are model estimates: reported apart, left out of the age average (as the study).
+SYNTHETIC_AGE_DATASETS = {"vggface2"}
+SOURCES = {
+    "utkface": "UTKFace (https://susanqq.github.io/UTKFace/): a folder of age_gender_race_date.jpg files "
+    "(or the aligned set, ...jpg.chip.jpg)",
+    "fairface": "FairFace (https://github.com/joojs/fairface): fairface_label_train.csv, fairface_label_val.csv "
+    "and the train/ and val/ image folders (margin 0.25 or 1.25)",
+    "rafdb": "RAF-DB basic (http://www.whdeng.cn/raf/model1.html, on request): EmoLabel/list_patition_label.txt "
+    "and Image/aligned/",
+    "vggface2": "VGGFace2 (identity_meta.csv, train/ and test/ identity folders) plus your own age CSV "
+    "(columns file,age)",
+    "folder": "your own image folder with a metadata.csv (file_name plus any of age, gender, emotion, race, split)",
+}
+
+
+def age_to_bin(years: float) -> int:
+    """Exact age -> canonical bin: 0-2, 3-9, 10-19, ..., 60-69, 70+."""
+    if years < 3:
+        return 0
+    if years < 10:
+        return 1
+    return min(8, int(years // 10) + 1)
+
+
+_AGE_STRINGS = {label: i for i, label in enumerate(AGE_LABELS)} | {"more than 70": 8, "70-130": 8}
+_GENDER_STRINGS = {"male": 0, "m": 0, "man": 0, "0": 0, "female": 1, "f": 1, "woman": 1, "1": 1}
+_EMOTION_STRINGS = {label: i for i, label in enumerate(EMOTION_LABELS)} | {
+    "happiness": 3,
+    "sadness": 4,
+    "anger": 5,
+    "surprised": 0,
+    "fearful": 1,
+    "disgusted": 2,
+}
+
+
+def parse_age(value: str) -> tuple[int, float | None]:
+    """An age cell: exact years ('27', '27.5') or a bin label ('20-29', 'more than 70'). Raises ValueError."""
+    text = str(value).strip().lower()
+    if text in _AGE_STRINGS:
+        return _AGE_STRINGS[text], None
+    years = float(text)
+    if not 0 <= years <= 130:
+        raise ValueError(f"age {value!r} is outside 0..130")
+    return age_to_bin(years), years
+
+
+def parse_label(value: str, task: str) -> int:
+    """A gender or emotion cell: a name (any case) or a canonical class id. Raises ValueError."""
+    text = str(value).strip().lower()
+    names = _GENDER_STRINGS if task == "gender" else _EMOTION_STRINGS
+    if text in names:
+        return names[text]
+    if text.isdigit() and int(text) < len(TASK_LABELS[task]):
+        return int(text)
+    raise ValueError(f"unknown {task} label {value!r}; expected one of {list(TASK_LABELS[task])}")
+
+
+def hashed_split(key: str, validation: float = 0.1, test: float = 0.1) -> str:
+    """A deterministic split from a stable hash of the file name (the same on every machine)."""
+    bucket = int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < test else "validation" if bucket < test + validation else "train"
+
+
+def make_row(source: str, dataset: str, split: str, **labels: Any) -> dict[str, Any]:
+    row = {"source": source, "age": IGNORE, "gender": IGNORE, "emotion": IGNORE, "age_years": None, "race": None}
+    row.update(labels)
+    row.update(dataset=dataset, split=split)
+    return row
+
+
+@dataclass
+class SkipReport:
+    """Rows left out, by reason, with a few examples of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, item: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(item)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "counts": dict(self.counts), "examples": self.examples}
+
+    def summary(self) -> str:
+        if not self.total:
+            return "skipped: none"
+        return "skipped: " + ", ".join(f"{count} {reason}" for reason, count in self.counts.most_common())
+
+
+def _missing(dataset: str, expected: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"Expected {expected} for --dataset {dataset}. The dataset is {SOURCES[dataset]}.")
+
+
+# ------------------------------------------------------------------------------------------- readers
+_UTK_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_(\d{17})\.jpg(\.chip\.jpg)?$")
+_UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
+
+
+def read_utkface(root: Path, skips: SkipReport) -> list[dict]:
+    """UTKFace raw or aligned (`.chip.jpg`) folder. No official split: `hashed_split` of the file name (80/10/10)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".jpg" in p.name.lower())
+    if not files:
+        raise _missing("utkface", root / "<age>_<gender>_<race>_<date>.jpg")
+    rows = []
+    for path in files:
+        match = _UTK_NAME.match(path.name)
+        if not match:  # e.g. a missing race field, a stray space, a missing dot: known in the public archive
+            skips.add("malformed file name", path.name)
+            continue
+        years, gender, race = int(match[1]), int(match[2]), int(match[3])
+        if years > 116:
+            skips.add("age out of range", path.name)
+            continue
+        rows.append(
+            make_row(
+                str(path),
+                "utkface",
+                hashed_split(path.name),
+                age=age_to_bin(years),
+                age_years=float(years),
+                gender=gender,
+                race=_UTK_RACES[race],
+            )
+        )
+    return rows
+
+
+def _fairface_image_root(root: Path, margin: str) -> Path:
+    tag = {"0.25": "025", "1.25": "125"}.get(margin)
+    if tag is None:
+        raise ValueError(f"--margin {margin!r}: FairFace ships margins 0.25 and 1.25.")
+    for candidate in (root / f"fairface-img-margin{tag}-trainval", root / f"margin{tag}", root):
+        if (candidate / "train").is_dir() or (candidate / "val").is_dir():
+            return candidate
+    raise _missing("fairface", root / f"fairface-img-margin{tag}-trainval" / "train")
+
+
+def read_fairface(root: Path, skips: SkipReport, margin: str = "0.25") -> list[dict]:
+    """FairFace CSVs (`file,age,gender,race,service_test`) and images; its val set is our validation split."""
+    images = _fairface_image_root(root, margin)
+    rows = []
+    for csv_name, split in (("fairface_label_train.csv", "train"), ("fairface_label_val.csv", "validation")):
+        table = root / csv_name
+        if not table.is_file():
+            raise _missing("fairface", table)
+        with table.open(newline="") as handle:
+            for line, record in enumerate(csv.DictReader(handle), start=2):
+                where = f"{csv_name}:{line}"
+                try:
+                    age, _ = parse_age(record["age"])
+                    gender = parse_label(record["gender"], "gender")
+                except (KeyError, ValueError, TypeError) as error:
+                    skips.add("bad label", f"{where} ({error})")
+                    continue
+                rows.append(
+                    make_row(
+                        str(images / record["file"]),
+                        "fairface",
+                        split,
+                        age=age,
+                        gender=gender,
+                        race=(record.get("race") or None),
+                    )
+                )
+    return rows
+
+
+def fairface_from_hub(dataset_dict) -> list[dict]:
+    """The Hub copy `HuggingFaceM4/FairFace` (ClassLabel columns age, gender, race) as unified rows."""
+    rows = []
+    for hub_split, split in (("train", "train"), ("validation", "validation")):
+        if hub_split not in dataset_dict:
+            continue
+        part = dataset_dict[hub_split]
+        names = {c: part.features[c].names for c in ("age", "gender", "race")}
+        for index, record in enumerate(part):
+            image = record["image"]
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="PNG")
+            rows.append(
+                make_row(
+                    f"hub:{hub_split}/{index}",
+                    "fairface",
+                    split,
+                    image_bytes=buffer.getvalue(),
+                    age=parse_age(names["age"][record["age"]])[0],
+                    gender=parse_label(names["gender"][record["gender"]], "gender"),
+                    race=names["race"][record["race"]],
+                )
+            )
+    return rows
+
+
+def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
+    """RAF-DB basic: `train_00001.jpg 5` lines (ids 1..7 = surprise..neutral) and aligned images."""
+    partition = root / "EmoLabel" / "list_patition_label.txt"
+    if not partition.is_file():
+        raise _missing("rafdb", partition)
+    aligned = root / "Image" / "aligned"
+    rows = []
+    for number, line in enumerate(partition.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 7:
+            skips.add("bad line", f"line {number}: {line!r}")
+            continue
+        name, label = parts
+        image = aligned / name.replace(".jpg", "_aligned.jpg")
+        if not image.is_file():
+            skips.add("missing image", str(image.relative_to(root)))
+            continue
+        split = "train" if name.startswith("train") else "test"
+        rows.append(make_row(str(image), "rafdb", split, emotion=int(label) - 1))
+    return rows
+
+
+def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) -> list[dict]:
+    """VGGFace2 with gender from identity_meta.csv and ages from a user CSV (`file,age`, file as class/img.jpg)."""
+    meta = root / "identity_meta.csv"
+    if not meta.is_file():
+        raise _missing("vggface2", meta)
+    genders = {}
+    with meta.open(newline="") as handle:
+        for record in csv.DictReader(handle, skipinitialspace=True):
+            record = {k.strip(): (v or "").strip() for k, v in record.items() if k}
+            if record.get("Gender") in ("m", "f"):
+                genders[record["Class_ID"]] = _GENDER_STRINGS[record["Gender"]]
+    ages: dict[str, str] = {}
+    if age_csv is not None:
+        if not Path(age_csv).is_file():
+            raise FileNotFoundError(f"--age-csv {age_csv}: no such file (columns: file,age).")
+        with Path(age_csv).open(newline="") as handle:
+            ages = {r["file"].strip(): r["age"] for r in csv.DictReader(handle)}
+    rows = []
+    for split_dir, split in (("train", "train"), ("test", "test")):
+        for path in sorted((root / split_dir).glob("*/*.jpg")):
+            key = f"{path.parent.name}/{path.name}"
+            labels: dict[str, Any] = {"gender": genders.get(path.parent.name, IGNORE)}
+            if key in ages:
+                try:
+                    labels["age"], labels["age_years"] = parse_age(ages[key])
+                except ValueError as error:
+                    skips.add("bad age", f"{key} ({error})")
+            if labels["gender"] == IGNORE and "age" not in labels:
+                skips.add("no label", key)
+                continue
+            rows.append(make_row(str(path), "vggface2", split, **labels))
+    if not rows:
+        raise _missing("vggface2", root / "train" / "<class_id>" / "<image>.jpg")
+    return rows
+
+
+def read_folder(root: Path, skips: SkipReport) -> list[dict]:
+    """An image folder with metadata.csv: file_name plus any of age (years or bin), gender, emotion, race, split."""
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise _missing("folder", meta)
+    rows = []
+    with meta.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "file_name" not in (reader.fieldnames or []):
+            raise ValueError(f"{meta} has no file_name column; its columns are {reader.fieldnames}.")
+        for line, record in enumerate(reader, start=2):
+            labels: dict[str, Any] = {}
+            try:
+                if (record.get("age") or "").strip():
+                    labels["age"], labels["age_years"] = parse_age(record["age"])
+                for task in ("gender", "emotion"):
+                    if (record.get(task) or "").strip():
+                        labels[task] = parse_label(record[task], task)
+            except ValueError as error:
+                skips.add("bad label", f"metadata.csv:{line} ({error})")
+                continue
+            split = (record.get("split") or "").strip() or hashed_split(record["file_name"])
+            if split not in SPLITS:
+                skips.add("bad split", f"metadata.csv:{line} ({split!r})")
+                continue
+            race = (record.get("race") or "").strip() or None
+            rows.append(make_row(str(root / record["file_name"]), root.name or "folder", split, race=race, **labels))
+    return rows
+
+
+READERS = {
+    "utkface": read_utkface,
+    "fairface": read_fairface,
+    "rafdb": read_rafdb,
+    "vggface2": read_vggface2,
+    "folder": read_folder,
+}
+
+
+# ------------------------------------------------------------------------------------------- prepare
+def features():
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    return Features(
+        {
+            "image": ImageFeature(),
+            "age": Value("int16"),
+            "gender": Value("int16"),
+            "emotion": Value("int16"),
+            "age_years": Value("float32"),
+            "race": Value("string"),
+            "dataset": Value("string"),
+            "split": Value("string"),
+        }
+    )
+
+
+def decode_and_resize(row: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """Decode once (EXIF, modes, bomb cap as in the pipeline), resize the shorter side, store as JPEG."""
+    try:
+        data = row.get("image_bytes")
+        source = data if data else row["source"]
+        if not data and Path(source).stat().st_size == 0:
+            return {"image": None, "error": "empty file"}
+        rgb = Image.fromarray(load_image(source, name=row["source"]))
+    except (ImageInputError, OSError) as error:
+        reason = "missing image" if isinstance(error, FileNotFoundError) else "unreadable image"
+        return {"image": None, "error": reason}
+    scale = image_size / min(rgb.size)
+    rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=95)
+    return {"image": {"bytes": buffer.getvalue(), "path": None}, "error": None}
+
+
+def prepare(
+    dataset: str,
+    root: str | Path,
+    out: str | Path,
+    image_size: int = 336,
+    num_proc: int | None = None,
+    **reader_options: Any,
+):
+    """Read a benchmark, decode and resize every image once, save a DatasetDict (one entry per split)."""
+    from datasets import Dataset, DatasetDict
+
+    root = Path(root)
+    if dataset not in READERS:
+        raise ValueError(f"Unknown --dataset {dataset!r}; choose one of {sorted(READERS)}.")
+    if not root.is_dir() and not str(root).startswith("hub:"):
+        raise FileNotFoundError(f"--root {root} is not a folder. The dataset is {SOURCES[dataset]}.")
+    skips = SkipReport()
+    start = time.perf_counter()
+    if dataset == "fairface" and str(root).startswith("hub:"):
+        from datasets import load_dataset
+
+        rows = fairface_from_hub(load_dataset("HuggingFaceM4/FairFace", str(root)[4:] or "0.25"))
+    else:
+        rows = READERS[dataset](root, skips, **reader_options)
+    raw = Dataset.from_list([{**{"image_bytes": None}, **r} for r in rows])
+    num_proc = num_proc if num_proc and num_proc > 1 and len(raw) >= 64 else None  # tiny sets: no workers
+    decoded = raw.map(
+        decode_and_resize,
+        fn_kwargs={"image_size": image_size},
+        num_proc=num_proc,
+        remove_columns=["image_bytes"],
+        desc=f"decode + resize {dataset}",
+    )
+    for source, error in zip(decoded["source"], decoded["error"], strict=True):
+        if error:
+            skips.add(error, source)
+    kept = decoded.filter(lambda error: error is None, input_columns="error", desc="drop unreadable")
+    kept = kept.remove_columns(["source", "error"]).cast(features())
+    splits = DatasetDict({s: kept.filter(lambda v, s=s: v == s, input_columns="split") for s in SPLITS})
+    splits = DatasetDict({name: part for name, part in splits.items() if len(part)})
+    seconds = time.perf_counter() - start
+    out = Path(out)
+    splits.save_to_disk(str(out))
+    report = {
+        "dataset": dataset,
+        "root": str(root),
+        "image_size": image_size,
+        "rows": {name: len(part) for name, part in splits.items()},
+        "skipped": skips.to_dict(),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(raw) / seconds, 1) if seconds else None,
+    }
+    (out / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    return splits, report
+
+
+# --------------------------------------------------------------------------------------------- stats
+def smoothed_shares(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """Class shares after class-balanced sampling with exponent alpha: n_c^(1-alpha) / sum_k n_k^(1-alpha)."""
+    powered = np.where(counts > 0, counts.astype(float) ** (1.0 - alpha), 0.0)
+    return powered / powered.sum() if powered.sum() else powered
+
+
+def load_prepared(paths: Iterable[str | Path], split: str = "train"):
+    """The given split of each prepared dataset, concatenated (label columns only are read for stats)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    parts = []
+    for path in paths:
+        loaded = load_from_disk(str(path))
+        if split not in loaded:
+            raise ValueError(f"{path} has no {split!r} split; it has {list(loaded)}.")
+        parts.append(loaded[split])
+    return concatenate_datasets(parts)
+
+
+def stats(dataset, alpha: float = 0.5) -> dict[str, Any]:
+    """Per task: samples, share and smoothed ('weighted') share per class; coverage per task."""
+    total = len(dataset)
+    tables, coverage = {}, {}
+    for task, labels in TASK_LABELS.items():
+        column = np.asarray(dataset[task], dtype=np.int64)
+        labelled = column[column != IGNORE]
+        counts = np.bincount(labelled, minlength=len(labels))
+        weighted = smoothed_shares(counts, alpha)
+        tables[task] = [
+            {
+                "label": label,
+                "samples": int(n),
+                "share": round(100 * n / max(1, len(labelled)), 2),
+                "weighted": round(100 * float(w), 2),
+            }
+            for label, n, w in zip(labels, counts, weighted, strict=True)
+        ]
+        coverage[task] = {"samples": len(labelled), "share": round(100 * len(labelled) / max(1, total), 2)}
+    return {"rows": total, "alpha": alpha, "classes": tables, "coverage": coverage}
+
+
+def format_stats(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['rows']:,} rows. weighted % = share after class-balanced sampling with exponent "
+        f"alpha={result['alpha']}: n_c^(1-alpha) / sum_k n_k^(1-alpha)."
+    ]
+    for task, rows in result["classes"].items():
+        lines += ["", f"{task:<10} {'samples':>9} {'%':>7} {'weighted %':>11}"]
+        lines += [f"{r['label']:<10} {r['samples']:>9,} {r['share']:>6.2f}% {r['weighted']:>10.2f}%" for r in rows]
+    lines += ["", f"{'task':<10} {'samples':>9} {'%':>7}"]
+    for task, row in result["coverage"].items():
+        lines.append(f"{task:<10} {row['samples']:>9,} {row['share']:>6.2f}%")
+    lines.append(f"{'total':<10} {result['rows']:>9,} {'-':>7}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def balanced_weights(dataset, class_alpha: float = 0.5, task_alpha: float = 0.5, tasks: Sequence[str] = TASKS):
+    """
+    Row weights for torch's WeightedRandomSampler. Within a task, class c is drawn in proportion to
+    n_c^(1-class_alpha); across tasks, task t's rows in proportion to N_t^(1-task_alpha) (0 = as the data
+    comes, 1 = balanced). A row labelled for several tasks takes its largest weight; unlabelled rows get 0.
+    """
+    weights = np.zeros(len(dataset), dtype=np.float64)
+    for task in tasks:
+        column = np.asarray(dataset[task], dtype=np.int64)
+        labelled = column != IGNORE
+        if not labelled.any():
+            continue
+        counts = np.bincount(column[labelled], minlength=len(TASK_LABELS[task])).astype(float)
+        per_class = np.zeros_like(counts)
+        present = counts > 0
+        per_class[present] = counts[present] ** (-class_alpha)
+        task_mass = labelled.sum() ** (1.0 - task_alpha)
+        per_class *= task_mass / (counts * per_class).sum()
+        task_weights = np.zeros(len(dataset))
+        task_weights[labelled] = per_class[column[labelled]]
+        weights = np.maximum(weights, task_weights)
+    return weights
+
+
+def balanced_sampler(dataset, num_samples: int | None = None, seed: int = 0, **alphas: float):
+    import torch
+
+    weights = torch.as_tensor(balanced_weights(dataset, **alphas))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples or len(dataset), True, generator=generator)
+
+
+def combine(paths: Iterable[str | Path], split: str = "train"):
+    """Several prepared datasets as one (all share the unified schema; a missing task column is -100)."""
+    return load_prepared(paths, split)
+
+
+# ------------------------------------------------------------------------------------------ collator
+@dataclass
+class FaceAugment:
+    """Mild, face-safe augmentation: random resized crop, horizontal flip, colour jitter."""
+
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (0.9, 1.1)
+    flip: float = 0.5
+    jitter: float = 0.2
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        width, height = image.size
+        area = width * height * rng.uniform(*self.scale)
+        aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        crop_w = min(width, round(math.sqrt(area * aspect)))
+        crop_h = min(height, round(math.sqrt(area / aspect)))
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        if rng.random() < self.flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhancer(image).enhance(rng.uniform(1 - self.jitter, 1 + self.jitter))
+        return image
+
+
+class SoftBioCollator:
+    """Rows -> {"pixel_values", "age", "gender", "emotion"}; training rows are augmented first."""
+
+    def __init__(self, image_processor, train: bool = False, augment: FaceAugment | None = None, seed: int = 0):
+        self.image_processor = image_processor
+        self.augment = (augment or FaceAugment()) if train else None
+        self.rng = random.Random(seed)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        images = [row["image"].convert("RGB") for row in rows]
+        if self.augment is not None:
+            images = [self.augment(image, self.rng) for image in images]
+        batch = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        for task in TASKS:
+            batch[task] = torch.tensor([IGNORE if row.get(task) is None else int(row[task]) for row in rows])
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.data", description="Face benchmarks in the unified softbio schema."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser(
+        "prepare",
+        help="read a benchmark, decode and resize its images once, save_to_disk",
+        description="Read a benchmark from its original layout and save a prepared DatasetDict (train/validation/"
+        "test) whose images are already resized; unreadable images and bad rows are counted and skipped.",
+    )
+    prep.add_argument(
+        "--dataset", required=True, choices=sorted(READERS), help="; ".join(f"{k}: {v}" for k, v in SOURCES.items())
+    )
+    prep.add_argument("--root", required=True, help="the dataset's folder (fairface also takes hub:0.25 / hub:1.25)")
+    prep.add_argument("--out", required=True, help="folder for the prepared dataset")
+    prep.add_argument("--image-size", type=int, default=336, help="shorter side after resizing (default 336)")
+    prep.add_argument("--num-proc", type=int, default=None, help="worker processes (default: every core)")
+    prep.add_argument("--margin", default="0.25", help="FairFace crop margin: 0.25 (default) or 1.25")
+    prep.add_argument("--age-csv", default=None, help="VGGFace2: CSV of estimated ages (columns file,age)")
+    show = commands.add_parser(
+        "stats",
+        help="class and coverage tables of prepared datasets",
+        description="Per task: samples, share and class-balanced 'weighted %' per class, and the coverage table.",
+    )
+    show.add_argument("paths", nargs="+", help="prepared dataset folders (combined)")
+    show.add_argument("--split", default="train", help="which split to describe (default train)")
+    show.add_argument("--alpha", type=float, default=0.5, help="class-balancing exponent for 'weighted %%'")
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            options: dict[str, Any] = {}
+            if args.dataset == "fairface":
+                options["margin"] = args.margin
+            if args.dataset == "vggface2":
+                options["age_csv"] = args.age_csv
+            _splits, report = prepare(
+                args.dataset,
+                args.root,
+                args.out,
+                image_size=args.image_size,
+                num_proc=args.num_proc or os.cpu_count(),
+                **options,
+            )
+            rows = ", ".join(f"{name} {count:,}" for name, count in report["rows"].items())
+            skipped = SkipReport(Counter(report["skipped"]["counts"]))
+            print(
+                f"{args.dataset}: {rows} rows -> {args.out}; {skipped.summary()}; "
+                f"{report['images_per_second']} images/s"
+            )
+        else:
+            result = stats(load_prepared(args.paths, args.split), alpha=args.alpha)
+            print(json.dumps(result, indent=2) if args.json else format_stats(result))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
