@@ -51,7 +51,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SOFTBIO_CACHE", Path.home() / ".cache" / "softbio"))
 
 
-def zero_shot_cache_dir(clip_id: str = DEFAULT_CLIP) -> Path:
+def zero_shot_cache_dir(clip_id: str) -> Path:
     return cache_root() / ("zero-shot--" + clip_id.replace("/", "--"))
 
 
@@ -67,7 +67,7 @@ def load_model(name: str | None):
                 f"Could not load the softbio checkpoint {name!r}: {error}\n"
                 "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
             ) from error
-    cached = zero_shot_cache_dir()
+    cached = zero_shot_cache_dir(DEFAULT_CLIP)
     if (cached / "config.json").is_file():
         return SoftBioModel.from_pretrained(cached), f"zero-shot {DEFAULT_CLIP} (cached at {cached})"
     try:

@@ -45,7 +45,7 @@ def _download(url: str, timeout: float, name: str) -> bytes:
     with urllib.request.urlopen(request, timeout=timeout) as response:
         data = response.read(MAX_DOWNLOAD_BYTES + 1)
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageInputError(f"{name} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MB; download and resize it first.")
+        raise ImageInputError(f"{name} is larger than {MAX_DOWNLOAD_BYTES:,} bytes; download and downscale it first.")
     return data
 
 

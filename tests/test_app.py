@@ -111,6 +111,21 @@ def test_offline_without_a_model_says_what_to_pass(tmp_path):
     assert "--model" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_default_model_is_built_once_then_loaded_from_the_cache(tiny_clip_dir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    import app as app_module
+
+    monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(app_module, "DEFAULT_CLIP", str(tiny_clip_dir))
+    built, name = app_module.load_model(None)
+    cached = app_module.zero_shot_cache_dir(str(tiny_clip_dir))
+    assert (cached / "model.safetensors").is_file() and "zero-shot" in name
+    monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
+    again, name = app_module.load_model(None)
+    assert "cached" in name
+    assert torch.equal(again.heads["age"].classifier.weight, built.heads["age"].classifier.weight)
+
+
 def test_help_explains_the_options():
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=120

@@ -200,6 +200,30 @@ def test_urls_are_fetched_with_a_timeout(pipe):
         server.shutdown()
 
 
+def test_downloads_over_the_byte_cap_are_refused(monkeypatch):
+    import softbio_hf.pipeline_softbio as pipeline_module
+
+    body = jpeg_bytes(astronaut())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(pipeline_module, "MAX_DOWNLOAD_BYTES", len(body) - 1)
+    try:
+        with pytest.raises(ValueError, match=r"big\.jpg.*is larger than"):
+            load_image(f"http://127.0.0.1:{server.server_address[1]}/big.jpg")
+    finally:
+        server.shutdown()
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def test_a_text_file_is_named_in_the_error(pipe, tmp_path):
     notes = tmp_path / "notes.txt"

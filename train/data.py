@@ -438,9 +438,10 @@ def smoothed_shares(counts: np.ndarray, alpha: float) -> np.ndarray:
 def load_prepared(paths: Iterable[str | Path], split: str = "train"):
     """The given split of each prepared dataset, concatenated (label columns only are read for stats)."""
     from datasets import concatenate_datasets, load_from_disk
+    from tqdm.auto import tqdm
 
     parts = []
-    for path in paths:
+    for path in tqdm(list(paths), desc="load prepared datasets", unit="dataset"):
         loaded = load_from_disk(str(path))
         if split not in loaded:
             raise ValueError(f"{path} has no {split!r} split; it has {list(loaded)}.")
