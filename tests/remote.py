@@ -27,19 +27,20 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_without_softbio(tmp_path, model_dir, x) -> dict[str, torch.Tensor]:
-    torch.save(x, tmp_path / "x.pt")
-    script = tmp_path / "remote.py"
-    script.write_text(REMOTE_SCRIPT)
+def run_isolated(tmp_path, script_text: str, *args: str) -> str:
+    """Run a script in a fresh Python in tmp_path, offline, with its own HF cache; returns its stdout."""
+    script = tmp_path / "isolated.py"
+    script.write_text(script_text)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, str(script), str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "32" in result.stdout
+    return result.stdout
+
+
+def run_without_softbio(tmp_path, model_dir, x) -> dict[str, torch.Tensor]:
+    torch.save(x, tmp_path / "x.pt")
+    stdout = run_isolated(tmp_path, REMOTE_SCRIPT, str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "out.pt"))
+    assert "32" in stdout
     return torch.load(tmp_path / "out.pt")

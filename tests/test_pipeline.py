@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import logging
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -25,6 +24,7 @@ from photos import (
     tiled_faces,
 )
 from PIL import Image
+from remote import run_isolated
 from transformers import pipeline
 
 from softbio_hf import SoftBiometricsPipeline, SoftBioModel, load_image
@@ -173,12 +173,13 @@ def test_exif_orientation_is_applied(pipe):
     assert len(faces) == 1 and covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
 
 
-def test_urls_are_fetched_with_a_timeout(pipe):
-    body = jpeg_bytes(astronaut())
+@contextlib.contextmanager
+def serving(body: bytes, slow_path: str | None = None):
+    """A loopback HTTP server that answers every GET with `body` (after 2 s on `slow_path`)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path == "/slow.jpg":
+            if self.path == slow_path:
                 time.sleep(2)
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -191,37 +192,26 @@ def test_urls_are_fetched_with_a_timeout(pipe):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_urls_are_fetched_with_a_timeout(pipe):
+    with serving(jpeg_bytes(astronaut()), slow_path="/slow.jpg") as base:
         faces = pipe(f"{base}/astronaut.jpg", detector="haar")
         assert len(faces) == 1 and covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
         with pytest.raises(ValueError, match=r"slow\.jpg.*within 0\.5s"):
             pipe(f"{base}/slow.jpg", timeout=0.5)
-    finally:
-        server.shutdown()
 
 
 def test_downloads_over_the_byte_cap_are_refused(monkeypatch):
     import softbio_hf.pipeline_softbio as pipeline_module
 
     body = jpeg_bytes(astronaut())
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(pipeline_module, "MAX_DOWNLOAD_BYTES", len(body) - 1)
-    try:
-        with pytest.raises(ValueError, match=r"big\.jpg.*is larger than"):
-            load_image(f"http://127.0.0.1:{server.server_address[1]}/big.jpg")
-    finally:
-        server.shutdown()
+    with serving(body) as base, pytest.raises(ValueError, match=r"big\.jpg.*is larger than"):
+        load_image(f"{base}/big.jpg")
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -318,20 +308,9 @@ REMOTE_PIPELINE = textwrap.dedent(
 
 
 def test_pipeline_loads_as_remote_code_without_our_package(tiny_saved, tmp_path):
-    script = tmp_path / "remote_pipeline.py"
-    script.write_text(REMOTE_PIPELINE)
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut()).save(photo)
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tiny_saved), str(photo)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    module, count, _xmin, keys = result.stdout.split(" ", 3)
+    stdout = run_isolated(tmp_path, REMOTE_PIPELINE, str(tiny_saved), str(photo))
+    module, count, _xmin, keys = stdout.split(" ", 3)
     assert module.startswith("transformers_modules") and count == "1"
     assert "'age'" in keys and "'emotion'" in keys and "'box'" in keys
