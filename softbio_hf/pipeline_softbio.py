@@ -232,9 +232,14 @@ class SoftBiometricsPipeline(ChunkPipeline):
         return preprocess, {}, postprocess
 
     def __call__(self, inputs, **kwargs):
-        """Validate every input before any model work, so one bad image in a list is named up front."""
+        """
+        Validate every input of a list before any model work, so one bad image is named up front. A generator
+        or a dataset streams instead: each image is loaded (and checked) as it comes.
+        """
         timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT_S
-        single = not isinstance(inputs, (list, tuple))
+        single = isinstance(inputs, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image, dict))
+        if not single and not isinstance(inputs, (list, tuple)) and hasattr(inputs, "__iter__"):
+            return super().__call__(inputs, **kwargs)
         items = [inputs] if single else list(inputs)
         loaded = []
         for index, item in enumerate(items):
@@ -259,7 +264,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         detection_max_side: int = DETECTION_MAX_SIDE,
         timeout: float = DEFAULT_TIMEOUT_S,
     ):
-        rgb = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else load_image(image, timeout=timeout)
+        is_rgb = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        rgb = image if is_rgb else load_image(image, timeout=timeout)  # lists arrive loaded; streams load here
         face_detector = self.detector(detector)
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[face_detector.name]

@@ -92,6 +92,15 @@ def test_api_bad_upload_is_a_readable_error_and_the_app_keeps_serving(app, tmp_p
     assert len(faces) == 1
 
 
+def test_uploads_over_the_size_cap_are_refused_with_a_message(app, tmp_path):
+    big = tmp_path / "huge.jpg"
+    big.write_bytes(os.urandom(11 * 1024 * 1024))  # over the 10 MB cap
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match=r"(?i)(exceed|too large|maximum)"):
+        client.predict(handle_file(str(big)), "auto", 0, api_name="/analyze")
+    assert len(client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", 0, api_name="/analyze"))
+
+
 def test_uploads_are_not_kept_on_disk(app, tmp_path):
     upload = tmp_path / "private-upload-7f3a.jpg"
     shutil.copy(REPO / "examples" / "astronaut.jpg", upload)

@@ -137,6 +137,12 @@ def test_every_input_kind_gives_the_same_face(pipe, tmp_path):
     assert all(box == boxes[0] for box in boxes), boxes
 
 
+def test_a_generator_streams_results(pipe):
+    images = (image for image in [astronaut(), lfw_patch(150), grace_hopper()])
+    results = list(pipe(images, detector="haar", batch_size=4))
+    assert [len(faces) for faces in results] == [1, 0, 1]
+
+
 def test_image_modes_are_converted(tmp_path):
     rgb = astronaut()
     gray = Image.fromarray(rgb).convert("L")
