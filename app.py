@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import os
@@ -103,17 +104,24 @@ def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshol
         raise gr.Error(str(error)) from error
 
 
-def read_and_delete(path: str | None) -> tuple[bytes, str]:
-    """The upload's bytes; the file is removed at once so no uploaded image stays on disk."""
+def example_digests() -> set[str]:
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in EXAMPLES_DIR.glob("*.jpg")}
+
+
+def read_and_delete(path: str | None, keep: set[str] = frozenset()) -> tuple[bytes, str]:
+    """
+    The upload's bytes; the file is removed at once so no uploaded image stays on disk. Gradio's cached
+    copies of the public example photos (digests in `keep`) stay, or the next click on an example would fail.
+    """
     import gradio as gr
 
     if not path:
         raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.")
     file = Path(path)
-    try:
-        return file.read_bytes(), repr(file.name)
-    finally:
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() not in keep:
         file.unlink(missing_ok=True)
+    return data, repr(file.name)
 
 
 def short_label(face: dict[str, Any]) -> str:
@@ -205,8 +213,10 @@ CSS = """
 def build_demo(pipe, model_name: str):
     import gradio as gr
 
+    examples = example_digests()
+
     def analyze_upload(path, detector, threshold):
-        data, name = read_and_delete(path)
+        data, name = read_and_delete(path, keep=examples)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces), faces
 
@@ -218,7 +228,7 @@ def build_demo(pipe, model_name: str):
 
     def analyze_api(path, detector="auto", threshold=0.0):
         """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
-        data, name = read_and_delete(path)
+        data, name = read_and_delete(path, keep=examples)
         return analyze_bytes(pipe, data, name, detector or "auto", threshold)[1]
 
     with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=(600, 600)) as demo:
@@ -231,9 +241,9 @@ def build_demo(pipe, model_name: str):
                 with gr.Tab("Photo"):
                     photo = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"], elem_id="photo")
                     run = gr.Button("Analyze", variant="primary", elem_id="analyze")
-                    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
-                    if examples:
-                        gr.Examples(examples=examples, inputs=photo, label="Public-domain examples")
+                    example_files = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+                    if example_files:
+                        gr.Examples(examples=example_files, inputs=photo, label="Public-domain examples")
                 with gr.Tab("Webcam (live)"):
                     webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Face detector")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from photos import ASTRONAUT_KEYPOINTS, covers
+from PIL import Image
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -102,8 +102,8 @@ def test_uploads_over_the_size_cap_are_refused_with_a_message(app, tmp_path):
 
 
 def test_uploads_are_not_kept_on_disk(app, tmp_path):
-    upload = tmp_path / "private-upload-7f3a.jpg"
-    shutil.copy(REPO / "examples" / "astronaut.jpg", upload)
+    upload = tmp_path / "private-upload-7f3a.jpg"  # a private photo: not one of the public examples
+    Image.open(REPO / "examples" / "astronaut.jpg").save(upload, quality=80)
     client = Client(app["url"], verbose=False)
     assert len(client.predict(handle_file(str(upload)), "haar", 0, api_name="/analyze")) == 1
     body = upload.read_bytes()
@@ -170,6 +170,24 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             for expected in ("Face 1", "Age group", "Gender", "Emotion", "years"):
                 assert expected in text
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+
+            # An example photo can be analysed twice: its cached copy must survive the first request.
+            first_src = page.get_attribute("#sb-result img", "src")
+            page.locator("img[src*='grace_hopper']").first.click()
+            page.wait_for_timeout(800)
+            page.click("#analyze")
+            page.wait_for_function(
+                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
+                arg=first_src,
+                timeout=60_000,
+            )
+            assert "Face 1" in page.inner_text("#sb-result")
+            page.locator("img[src*='grace_hopper']").first.click()
+            page.locator("input[type=number]").first.fill("0.99")  # no Haar face scores that high
+            page.locator("input[type=number]").first.press("Enter")
+            page.wait_for_timeout(500)
+            page.click("#analyze")
+            page.wait_for_selector("text=No face found", timeout=60_000)
 
             page.set_input_files("#photo input[type=file]", str(broken))
             page.wait_for_timeout(500)
