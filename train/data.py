@@ -396,7 +396,7 @@ def prepare(
         rows = fairface_from_hub(load_dataset("HuggingFaceM4/FairFace", str(root)[4:] or "0.25"))
     else:
         rows = READERS[dataset](root, skips, **reader_options)
-    raw = Dataset.from_list([{**{"image_bytes": None}, **r} for r in rows])
+    raw = Dataset.from_list([{"image_bytes": None, **r} for r in rows])  # hub rows carry their bytes
     num_proc = num_proc if num_proc and num_proc > 1 and len(raw) >= 64 else None  # tiny sets: no workers
     decoded = raw.map(
         decode_and_resize,
