@@ -87,16 +87,18 @@ class YuNetDetector:
 
     name = "yunet"
 
-    def __init__(self, model_path: str, score_threshold: float = 0.6, nms_threshold: float = 0.3):
+    # Candidates down to this score come back; detect_faces applies the caller's threshold.
+    candidate_threshold = 0.3
+
+    def __init__(self, model_path: str, nms_threshold: float = 0.3):
         cv = _require_cv2("The YuNet face detector")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"YuNet model file not found: {model_path}. Download {YUNET_FILE} from the Hub repo {YUNET_REPO}, "
                 "or use detector='haar' (no download)."
             )
-        # The detector's own threshold is kept low; the pipeline applies the user's threshold.
         self.detector = cv.FaceDetectorYN.create(
-            model_path, "", (320, 320), min(score_threshold, 0.3), nms_threshold, 5000
+            model_path, "", (320, 320), self.candidate_threshold, nms_threshold, 5000
         )
 
     def __call__(self, rgb: np.ndarray, min_face_size: int) -> list[Face]:
@@ -150,7 +152,7 @@ def yunet_model_path(local_path: str | None = None, download_timeout_s: float = 
         return None
 
 
-def make_detector(detector: str = "auto", yunet_path: str | None = None, score_threshold: float = 0.6):
+def make_detector(detector: str = "auto", yunet_path: str | None = None):
     """Build a detector by name. 'auto' is YuNet when its file is available or downloadable, else Haar."""
     if detector not in DETECTORS:
         raise ValueError(f"Unknown face detector {detector!r}; choose one of {DETECTORS}.")
@@ -165,9 +167,9 @@ def make_detector(detector: str = "auto", yunet_path: str | None = None, score_t
                 f"Could not get the YuNet model ({YUNET_REPO}/{YUNET_FILE}): no network and no cached copy. "
                 "Pass yunet_path=<local .onnx>, or use detector='haar'."
             )
-        return YuNetDetector(path, score_threshold)
+        return YuNetDetector(path)
     if path is not None:
-        return YuNetDetector(path, score_threshold)
+        return YuNetDetector(path)
     logger.warning("YuNet face detector unavailable (offline?); using OpenCV's Haar cascade instead.")
     return HaarDetector()
 

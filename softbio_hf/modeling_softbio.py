@@ -461,12 +461,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
         self.config.pooling = pooling
         self.config._validate()
         if pooling == "attention":
-            parameter = (
-                self.visual_projection.weight
-                if self.config.projection_dim
-                else self.heads[self.config.task_names[0]].classifier.weight
-            )
-            self.pooling = SoftBioAttentionPooling(self.config).to(device=parameter.device, dtype=parameter.dtype)
+            reference = next(self.heads.parameters())  # the new pooling follows the model's device and dtype
+            self.pooling = SoftBioAttentionPooling(self.config).to(device=reference.device, dtype=reference.dtype)
             self._init_weights(self.pooling)
         else:
             self.pooling = None
@@ -626,7 +622,11 @@ def lora_target_names(backbone: nn.Module, adapter: dict) -> list[str]:
     """
     linears = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
     targets = adapter["target_modules"]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+
+    def is_target(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    unmatched = [t for t in targets if not any(is_target(n, t) for n in linears)]
     if unmatched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(
@@ -640,7 +640,7 @@ def lora_target_names(backbone: nn.Module, adapter: dict) -> list[str]:
     return [
         n
         for n in linears
-        if any(n == t or n.endswith("." + t) for t in targets)
+        if any(is_target(n, t) for t in targets)
         and any(n.startswith(prefix) for prefix in allowed)
         and n not in excluded
     ]

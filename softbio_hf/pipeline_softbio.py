@@ -307,8 +307,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 if task == "age" and config.age_years:
                     record[task]["years"] = round(sum(p * y for p, y in zip(probs, config.age_years, strict=True)), 1)
             records.append(record)
-        records.sort(key=lambda r: _box_area(r["box"]), reverse=True)
-        return records
+        return records  # largest first: detect_faces sorted them and the chunks keep their order
 
 
 def _task_result(labels: list[str], probs: list[float], top_k: int | None) -> dict[str, Any]:
@@ -326,7 +325,3 @@ def _int_box(box, width: int, height: int) -> dict[str, int]:
         "xmax": min(width, int(np.ceil(xmax))),
         "ymax": min(height, int(np.ceil(ymax))),
     }
-
-
-def _box_area(box: dict[str, int]) -> int:
-    return (box["xmax"] - box["xmin"]) * (box["ymax"] - box["ymin"])

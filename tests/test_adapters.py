@@ -48,7 +48,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
-def expected_trainable(method: str, name: str, layers: int = 4) -> bool:
+def expected_trainable(method: str, name: str) -> bool:
     if method == "zs":
         return False
     if name.startswith(("pooling.", "heads.")):
@@ -62,9 +62,7 @@ def expected_trainable(method: str, name: str, layers: int = 4) -> bool:
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_training_changes_exactly_the_intended_parameters(method):
-    model = fresh().apply_method(method, rank=4)
-    if method == "ft":
-        model.apply_trainable_blocks(4)
+    model = fresh().apply_method(method, rank=4)  # "ft": the default last 4 blocks, all 4 of them here
     groups = model.optimizer_groups(lr=1e-2, weight_decay=0.0)
     if method == "zs":
         assert groups == []

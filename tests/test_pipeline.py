@@ -29,7 +29,7 @@ from transformers import pipeline
 
 from softbio_hf import SoftBiometricsPipeline, SoftBioModel, load_image
 from softbio_hf.faces import Face, crop_matrix, make_detector
-from softbio_hf.pipeline_softbio import resolve_dtype
+from softbio_hf.pipeline_softbio import fast_bf16_available, resolve_dtype
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,9 @@ def test_dtype_argument(tiny_saved):
     assert pipe_bf16.model.dtype == torch.bfloat16
     faces = pipe_bf16(astronaut(), detector="haar")
     assert len(faces) == 1 and faces[0]["gender"]["label"] in ("male", "female")
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16_available(cpu) else torch.float32)
+    assert resolve_dtype("float16", cpu) == torch.float16 and resolve_dtype(None, cpu) is None
     with pytest.raises(ValueError, match="Unknown dtype 'float99'"):
         resolve_dtype("float99", torch.device("cpu"))
 

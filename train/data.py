@@ -436,7 +436,10 @@ def smoothed_shares(counts: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def load_prepared(paths: Iterable[str | Path], split: str = "train"):
-    """The given split of each prepared dataset, concatenated (label columns only are read for stats)."""
+    """
+    Several prepared datasets as one: the given split of each, concatenated (they share the unified schema,
+    with -100 where a dataset has no label for a task). Validation and test sets stay per dataset.
+    """
     from datasets import concatenate_datasets, load_from_disk
     from tqdm.auto import tqdm
 
@@ -517,11 +520,6 @@ def balanced_sampler(dataset, num_samples: int | None = None, seed: int = 0, **a
     weights = torch.as_tensor(balanced_weights(dataset, **alphas))
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.WeightedRandomSampler(weights, num_samples or len(dataset), True, generator=generator)
-
-
-def combine(paths: Iterable[str | Path], split: str = "train"):
-    """Several prepared datasets as one (all share the unified schema; a missing task column is -100)."""
-    return load_prepared(paths, split)
 
 
 # ------------------------------------------------------------------------------------------ collator
