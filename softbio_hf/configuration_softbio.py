@@ -79,6 +79,8 @@ class SoftBioConfig(PreTrainedConfig):
             the adapter code so a checkpoint says how it was made and rebuilds its extra layers.
         logit_scale (`float`, *optional*): the CLIP logit scale the zero-shot heads were built with (record only).
         zero_shot_source (`str`, *optional*): the CLIP checkpoint the zero-shot heads came from (record only).
+        calibration (`dict`, *optional*): per-task temperatures already folded into the heads by
+            `python -m train.evaluate --calibrate`, and the split they were fitted on (record only).
     """
 
     model_type = "softbio"
@@ -105,6 +107,7 @@ class SoftBioConfig(PreTrainedConfig):
     adapter: dict | None = None
     logit_scale: float | None = None
     zero_shot_source: str | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

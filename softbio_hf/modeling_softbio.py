@@ -128,6 +128,12 @@ class SoftBioLossWeights(nn.Module):
         return torch.stack(terms).sum()
 
 
+def expected_age_years(age_probs: torch.Tensor, age_years) -> torch.Tensor:
+    """Age in years as the expectation of the bins' representative ages under the predicted probabilities."""
+    years = torch.as_tensor(age_years, dtype=age_probs.dtype, device=age_probs.device)
+    return age_probs @ years
+
+
 def image_processor_for(config: SoftBioConfig):
     """The backbone's image processor, rebuilt from the config (its single source of truth)."""
     if is_torchvision_available():
@@ -688,4 +694,4 @@ def check_same_tasks(saved: dict | None, requested: dict, source) -> None:
     )
 
 
-__all__ = ["SoftBioModel", "SoftBioOutput", "SoftBioPreTrainedModel", "image_processor_for"]
+__all__ = ["SoftBioModel", "SoftBioOutput", "SoftBioPreTrainedModel", "expected_age_years", "image_processor_for"]

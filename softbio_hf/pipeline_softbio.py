@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.pipelines.base import ChunkPipeline
 
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
-from .modeling_softbio import image_processor_for
+from .modeling_softbio import expected_age_years, image_processor_for
 
 # A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -302,10 +302,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 continue
             record = dict(output["face"])
             for task, labels in config.tasks.items():
-                probs = output[f"probs_{task}"].reshape(-1).tolist()
-                record[task] = _task_result(labels, probs, top_k)
+                probs = output[f"probs_{task}"].reshape(-1)
+                record[task] = _task_result(labels, probs.tolist(), top_k)
                 if task == "age" and config.age_years:
-                    record[task]["years"] = round(sum(p * y for p, y in zip(probs, config.age_years, strict=True)), 1)
+                    record[task]["years"] = round(float(expected_age_years(probs, config.age_years)), 1)
             records.append(record)
         return records  # largest first: detect_faces sorted them and the chunks keep their order
 

@@ -1,0 +1,227 @@
+"""train/evaluate.py: metrics against hand computations, the CLI's files, calibration, fairness, compare."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets_fixtures import make_fairface, make_rafdb, make_utkface
+
+from softbio_hf import SoftBioModel
+from train.data import prepare
+from train.evaluate import (
+    IGNORE,
+    classification_metrics,
+    expected_calibration_error,
+    group_accuracy,
+    load_model,
+    main,
+    summarize,
+    task_metrics,
+)
+
+
+def one_hot_logits(predicted: list[int], num_classes: int, scale: float = 30.0) -> np.ndarray:
+    logits = np.zeros((len(predicted), num_classes), dtype=np.float32)
+    logits[np.arange(len(predicted)), predicted] = scale
+    return logits
+
+
+# ------------------------------------------------------------------------------------ hand computations
+def test_metrics_equal_a_hand_computation_with_an_absent_class_and_masked_rows():
+    # 4 classes: class 2 is never predicted, class 3 is predicted but never true; two rows carry no label.
+    labels = np.array([0, 0, 1, 1, 1, 2, IGNORE, IGNORE])
+    predicted = [0, 1, 1, 1, 0, 3, 2, 2]
+    metrics = task_metrics("emotion", one_hot_logits(predicted, 4), labels)
+    assert metrics["n"] == 6  # the masked rows are not counted
+    assert metrics["accuracy"] == pytest.approx(100 * 3 / 6)
+    # recall: class 0 1/2, class 1 2/3, class 2 0/1; class 3 has no true rows and is left out
+    assert metrics["balanced_accuracy"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 0) / 3)
+    # F1 = 2 tp / (true + predicted): class 0 2/4, class 1 4/6, class 2 0/1, class 3 0/1 (predicted, never true)
+    assert metrics["macro_f1"] == pytest.approx(100 * (2 / 4 + 4 / 6 + 0 + 0) / 4)
+    assert "one_off_accuracy" not in metrics
+
+
+def test_age_one_off_and_mae_of_the_expected_years():
+    bin_years = [1.0, 6.0, 14.5, 24.5, 34.5, 44.5, 54.5, 64.5, 77.0]
+    labels = np.array([3, 3, 0, 8, IGNORE])
+    predicted = [3, 4, 2, 8, 0]
+    exact = np.array([27.0, np.nan, 1.0, 80.0, 50.0])  # the second row has no exact age
+    metrics = task_metrics("age", one_hot_logits(predicted, 9), labels, exact, bin_years)
+    assert metrics["accuracy"] == pytest.approx(50.0)
+    assert metrics["one_off_accuracy"] == pytest.approx(75.0)  # 3->4 is one off, 0->2 is two off
+    # expected years are the predicted bins' ages (one-hot logits): |24.5-27|, |14.5-1|, |77-80|
+    assert metrics["mae_years"] == pytest.approx((2.5 + 13.5 + 3.0) / 3, abs=1e-3)
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4]])
+    labels = np.array([0, 1, 0])
+    # bin of 0.9: accuracy 1/2, confidence 0.9 -> gap 0.4 for 2 rows; bin of 0.6: accuracy 1 -> gap 0.4
+    assert expected_calibration_error(probs, labels) == pytest.approx(40.0)
+    # confidence 0.5, right once in two: perfectly calibrated
+    assert expected_calibration_error(np.array([[0.5, 0.5], [0.5, 0.5]]), np.array([0, 1])) == pytest.approx(0.0)
+
+
+def test_group_accuracy_names_the_worst_group_and_the_gap():
+    correct = np.array([True, True, False, True, False, False])
+    result = group_accuracy(correct, ["White", "White", "White", "Black", "Black", None])
+    assert result["groups"] == {
+        "Black": {"accuracy": 50.0, "n": 2},
+        "White": {"accuracy": pytest.approx(200 / 3), "n": 3},
+    }
+    assert result["worst_group"] == "Black" and result["gap"] == pytest.approx(200 / 3 - 50)
+    assert group_accuracy(correct, ["White"] * 6) is None  # one group is no comparison
+
+
+def test_summary_follows_the_study_and_keeps_synthetic_ages_apart():
+    def acc(value: float) -> dict:
+        return {"accuracy": value}
+
+    results = {
+        "utkface": {"age": acc(60.0), "gender": acc(96.0)},
+        "fairface": {"age": acc(64.0), "gender": acc(98.0)},
+        "rafdb": {"emotion": acc(90.0)},
+        "vggface2": {"age": acc(40.0), "gender": acc(95.0)},
+    }
+    summary = summarize(results)
+    assert summary["age"] == pytest.approx(62.0)  # vggface2's synthetic ages are not averaged in
+    assert summary["gender"] == pytest.approx((96 + 98 + 95) / 3)
+    assert summary["emotion"] == pytest.approx(90.0)
+    assert summary["overall"] == pytest.approx((62.0 + summary["gender"] + 90.0) / 3)
+    assert summary["synthetic_age"] == {"vggface2": 40.0}
+    assert classification_metrics(np.array([1]), np.array([1]), 2)["balanced_accuracy"] == 100.0
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("benchmarks")
+    folders = {}
+    for name, make in (("utkface", make_utkface), ("fairface", make_fairface), ("rafdb", make_rafdb)):
+        make(root / f"raw-{name}")
+        prepare(name, root / f"raw-{name}", root / name, image_size=32)
+        folders[name] = str(root / name)
+    return folders
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_cli_writes_results_report_and_plots(prepared, tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    data = [prepared["utkface"], prepared["fairface"], prepared["rafdb"]]
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", *data, "--split", "train", "--out", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert {"model", "split", "results", "summary", "fairness", "calibration"} <= set(report)
+    assert report["split"] == "train" and report["model"] == f"clip:{tiny_clip_dir}"
+    assert set(report["results"]) == {"utkface", "fairface", "rafdb"}
+    assert set(report["results"]["utkface"]) == {"age", "gender"}  # emotion has no labels there: left out
+    assert set(report["results"]["rafdb"]) == {"emotion"}
+    assert any("no labelled rows" in note for note in report["notes"]["rafdb"])
+    for metrics in report["results"]["utkface"].values():
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "n"} <= set(metrics)
+    assert report["results"]["utkface"]["age"]["n"] == 12  # every labelled train row of the fixture
+    assert "mae_years" in report["results"]["utkface"]["age"]  # UTKFace has exact ages ...
+    assert "mae_years" not in report["results"]["fairface"]["age"]  # ... FairFace only bins
+    summary = report["summary"]
+    expected_age = np.mean([report["results"][d]["age"]["accuracy"] for d in ("utkface", "fairface")])
+    assert summary["age"] == pytest.approx(expected_age)
+    assert summary["emotion"] == pytest.approx(report["results"]["rafdb"]["emotion"]["accuracy"])
+    # fairness only where the data has groups: races in UTKFace and FairFace, none in RAF-DB
+    assert set(report["fairness"]) == {"utkface", "fairface"}
+    assert set(report["fairness"]["utkface"]["age"]) == {"race", "gender"}
+    assert set(report["fairness"]["fairface"]["gender"]) == {"race"}
+    assert {"Black", "White"} <= set(report["fairness"]["utkface"]["age"]["race"]["groups"])
+    assert set(report["calibration"]) == {"age", "gender", "emotion"}
+    markdown = (out / "report.md").read_text()
+    assert "| dataset | task | n | accuracy" in markdown and "## Fairness" in markdown
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == sorted(report["plots"])
+    assert {"confusion_utkface_age.png", "confusion_rafdb_emotion.png", "reliability_gender.png"} <= set(plots)
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert "| model | emotion | age* | gender | overall |" in capsys.readouterr().out
+
+
+def test_clip_prefix_builds_the_same_model_as_from_clip(tiny_clip_dir):
+    built = load_model(f"clip:{tiny_clip_dir}", device="cpu", dtype=torch.float32)
+    reference = SoftBioModel.from_clip(tiny_clip_dir).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for task, logits in built(x).logits.items():
+            torch.testing.assert_close(logits, reference(x).logits[task])
+
+
+def test_calibration_lowers_the_nll_and_keeps_the_argmax(prepared, tiny_model, tmp_path):
+    with torch.no_grad():  # a deliberately over-confident model: logits x 40
+        for head in tiny_model.heads.values():
+            head.classifier.weight.mul_(40)
+            head.classifier.bias.mul_(40)
+    tiny_model.save_pretrained(tmp_path / "overconfident")
+    out = tmp_path / "eval"
+    args = ("--data", prepared["utkface"], prepared["fairface"], "--split", "validation", "--out", out)
+    assert run_cli("--model", tmp_path / "overconfident", *args, "--calibrate", "--dtype", "float32") == 0
+    calibration = json.loads((out / "results.json").read_text())["calibration"]
+    for task in ("age", "gender"):
+        assert calibration[task]["temperature"] > 1  # over-confident: softened
+        assert calibration[task]["nll_after"] < calibration[task]["nll_before"]
+    calibrated = SoftBioModel.from_pretrained(out / "calibrated").eval()
+    temperatures = calibrated.config.calibration["temperatures"]
+    assert temperatures["age"] == pytest.approx(calibration["age"]["temperature"])
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = tiny_model.eval()(x).logits, calibrated(x).logits
+    for task in ("age", "gender"):
+        assert torch.equal(before[task].argmax(-1), after[task].argmax(-1))
+        torch.testing.assert_close(after[task], before[task] / temperatures[task], rtol=1e-4, atol=1e-4)
+
+
+def test_compare_prints_one_row_per_run_and_the_difference(tmp_path, capsys):
+    runs = []
+    for name, overall in (("zs", 69.61), ("lora", 84.07)):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        summary = {"emotion": 66.57, "age": 47.36, "gender": 96.67, "overall": overall}
+        path.write_text(json.dumps({"name": name, "summary": summary}))
+        runs.append(path)
+    assert run_cli("compare", *runs, "--baseline", "zs") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| zs |") and lines[3].startswith("| lora |")
+    assert "84.07 (+14.46)" in lines[3]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_a_folder_that_is_not_prepared_names_the_command(tmp_path, tiny_clip_dir, capsys):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "photo.jpg").write_bytes(b"x")
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", tmp_path / "raw") == 2
+    error = capsys.readouterr().err
+    assert "not a prepared dataset" in error and "photo.jpg" in error and "python -m train.data prepare" in error
+
+
+def test_a_missing_split_is_named(prepared, tiny_clip_dir, capsys):
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["rafdb"], "--split", "validation") == 2
+    error = capsys.readouterr().err
+    assert "no 'validation' split" in error and "['test', 'train']" in error
+
+
+def test_a_model_with_other_labels_is_refused(prepared, tiny_config, tmp_path, capsys):
+    from softbio_hf import SoftBioConfig
+
+    config = SoftBioConfig(
+        vision_config=tiny_config.vision_config.to_dict(),
+        projection_dim=16,
+        tasks={"gender": ["female", "male"]},
+    )
+    SoftBioModel(config).save_pretrained(tmp_path / "swapped")
+    assert run_cli("--model", tmp_path / "swapped", "--data", prepared["fairface"], "--split", "train") == 2
+    error = capsys.readouterr().err
+    assert "'gender'" in error and "['female', 'male']" in error and "['male', 'female']" in error
+
+
+def test_an_unloadable_model_says_what_to_pass(prepared, tmp_path, capsys):
+    assert run_cli("--model", tmp_path / "nothing-here", "--data", prepared["rafdb"], "--split", "train") == 2
+    assert "clip:ID_OR_FOLDER" in capsys.readouterr().err
