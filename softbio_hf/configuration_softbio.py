@@ -72,7 +72,10 @@ class SoftBioConfig(PreTrainedConfig):
             Backbone blocks that train, counted from the last one: 0 freezes the backbone (linear
             probe), 4 is the study's FT4, -1 trains the whole backbone.
         loss_weighting (`str`, defaults to `"sum"`):
-            `"sum"` of the per-task losses, or `"uncertainty"` (Kendall et al. 2018, learned log-variances).
+            `"sum"` of the per-task losses (times `task_weights`), or `"uncertainty"` (Kendall et al. 2018,
+            learned log-variances).
+        task_weights (`dict[str, float]`, *optional*): fixed weight per task for `"sum"`; missing tasks weigh 1.
+        label_smoothing (`float`, defaults to 0.0): label smoothing of every task's cross-entropy.
         age_years (`list[float]`, *optional*): representative age per age bin, for the years estimate.
         image_mean / image_std (`list[float]`, *optional*): the backbone's normalisation.
         adapter (`dict`, *optional*): how the backbone was adapted (method and its options); written by
@@ -101,6 +104,8 @@ class SoftBioConfig(PreTrainedConfig):
     head_dropout: float = 0.0
     trainable_blocks: int = 0
     loss_weighting: str = "sum"
+    task_weights: dict[str, float] | None = None
+    label_smoothing: float = 0.0
     age_years: list[float] | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
@@ -142,6 +147,13 @@ class SoftBioConfig(PreTrainedConfig):
             raise ValueError(
                 f"SoftBioConfig.loss_weighting={self.loss_weighting!r}; choose one of {LOSS_WEIGHTING_CHOICES}."
             )
+        unknown = sorted(set(self.task_weights or {}) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"SoftBioConfig.task_weights names unknown task(s) {unknown}; tasks: {list(self.tasks)}.")
+        if any(not weight >= 0 for weight in (self.task_weights or {}).values()):
+            raise ValueError(f"SoftBioConfig.task_weights={self.task_weights}: weights must be >= 0.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"SoftBioConfig.label_smoothing={self.label_smoothing} must be in [0, 1).")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"SoftBioConfig.head_dropout={self.head_dropout} must be in [0, 1).")
         num_layers = self.vision_config.num_hidden_layers

@@ -294,25 +294,56 @@ class SoftBioModel(SoftBioPreTrainedModel):
             features[task] = projected_by_input[id(vector)]
         logits = {task: self.heads[task](features[task]) for task in self.config.tasks}
 
-        task_losses = self._task_losses(logits, targets)
-        loss = self._total_loss(task_losses) if task_losses else None
+        loss, task_losses = self.compute_loss(logits, targets) if targets else (None, {})
         output = SoftBioOutput(loss=loss, logits=logits, task_losses=task_losses or None, features=features)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
-    @staticmethod
-    def _task_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        losses = {}
-        for task, target in targets.items():
-            labelled = target != IGNORE_INDEX
-            if labelled.any():  # a task with no label in the batch adds nothing, not a zero with a gradient
-                losses[task] = F.cross_entropy(logits[task][labelled].float(), target[labelled])
-        return losses
+    def compute_loss(
+        self,
+        logits: dict[str, torch.Tensor],
+        targets: dict[str, torch.Tensor],
+        label_counts: dict[str, int] | None = None,
+        scale: float = 1.0,
+        complete_graph: bool = False,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """
+        The multi-task loss: per task the cross-entropy summed over its labelled rows (label -100 is masked) and
+        divided by `label_counts[task]` (default: this batch's count, i.e. the mean), times `scale`; then the sum
+        (times `config.task_weights`) or the uncertainty weighting over the tasks that have labels.
 
-    def _total_loss(self, task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.loss_weights is not None:
-            return self.loss_weights(task_losses)
-        return torch.stack(list(task_losses.values())).sum()
+        Data-parallel training passes the counts summed over processes and `scale` = number of processes, so
+        the averaged gradients equal one process's on the whole batch. `complete_graph` adds a zero-weighted
+        term for tasks without labels, so every head and log-variance takes part in every backward pass (as
+        DistributedDataParallel requires) without changing any value.
+        """
+        task_losses = {}
+        for task, target in targets.items():
+            count = int((target != IGNORE_INDEX).sum()) if label_counts is None else label_counts[task]
+            if count:  # a task with no label anywhere adds nothing (an absent task's log-variance would run off)
+                summed = F.cross_entropy(
+                    logits[task].float(),
+                    target,
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                    label_smoothing=self.config.label_smoothing,
+                )
+                task_losses[task] = summed * (scale / count)
+        total = None
+        if task_losses:
+            if self.loss_weights is not None:
+                total = self.loss_weights(task_losses)
+            else:
+                weights = self.config.task_weights or {}
+                total = torch.stack([weights.get(t, 1.0) * loss for t, loss in task_losses.items()]).sum()
+        if complete_graph:
+            idle = [logits[t].float().sum() for t in self.config.tasks if t not in task_losses]
+            if self.loss_weights is not None:
+                idle += [self.loss_weights.log_vars[t] for t in self.config.tasks if t not in task_losses]
+            if idle:
+                zero = torch.stack(idle).sum() * 0.0
+                total = zero if total is None else total + zero
+        return total, task_losses
 
     # --------------------------------------------------------------------------------------- training
     def apply_trainable_blocks(self, trainable_blocks: int | None = None) -> None:

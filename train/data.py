@@ -548,19 +548,27 @@ class FaceAugment:
 
 
 class SoftBioCollator:
-    """Rows -> {"pixel_values", "age", "gender", "emotion"}; training rows are augmented first."""
+    """
+    Rows -> {"pixel_values", "age", "gender", "emotion"}; training rows are augmented first. A row carrying a
+    "draw" number (its position in the training draw) is augmented from a seed of its own, so its augmentation
+    is the same whichever process or worker collates it and after a resume.
+    """
 
     def __init__(self, image_processor, train: bool = False, augment: FaceAugment | None = None, seed: int = 0):
         self.image_processor = image_processor
         self.augment = (augment or FaceAugment()) if train else None
+        self.seed = seed
         self.rng = random.Random(seed)
+
+    def _rng_for(self, row: dict[str, Any]) -> random.Random:
+        return random.Random(f"{self.seed}:{row['draw']}") if "draw" in row else self.rng
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         images = [row["image"].convert("RGB") for row in rows]
         if self.augment is not None:
-            images = [self.augment(image, self.rng) for image in images]
+            images = [self.augment(image, self._rng_for(row)) for image, row in zip(images, rows, strict=True)]
         batch = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
         for task in TASKS:
             batch[task] = torch.tensor([IGNORE if row.get(task) is None else int(row[task]) for row in rows])

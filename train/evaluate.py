@@ -11,6 +11,7 @@ The metrics here are the only implementation: training validates and picks its b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -221,7 +222,8 @@ def predict(
     was_training = model.training
     model.eval()
     main = accelerator is None or accelerator.is_main_process
-    with torch.inference_mode():
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         for batch in tqdm(loader, desc=desc, unit="batch", disable=not main, leave=False):
             pixel_values = batch["pixel_values"].to(device=device, dtype=dtype)
             out = {task: value.float() for task, value in model(pixel_values=pixel_values).logits.items()}
@@ -670,12 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.dtype, torch.device(device))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise EvaluationError(f"--dtype {args.dtype}: use auto, float32 or bfloat16.")
-    splits, taken = {}, set()
-    for path in args.data:  # every folder is checked before the model is loaded
-        data = open_split(path, args.split, args.limit)
-        name = dataset_name(data, Path(path), taken)
-        taken.add(name)
-        splits[name] = data
+    splits = open_splits(args.data, args.split, args.limit)  # every folder is checked before the model loads
     calibration_splits = {}
     if args.calibrate:
         for path, name in zip(args.data, splits, strict=True):
@@ -702,18 +699,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         temperatures = fit_temperatures(fit_on)
     report = {"model": args.model, "name": args.name or model_name(args.model), "split": args.split}
-    report.update(build_results(predictions, model.config, temperatures))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if temperatures:
-        model = load_model(args.model, device="cpu", dtype=torch.float32)  # save full precision, not the eval dtype
-        apply_temperatures(model, temperatures, fitted_on=args.calibration_split)
-        model.save_pretrained(out / "calibrated")
+        calibrated = load_model(args.model, device="cpu", dtype=torch.float32)  # full precision, not the eval dtype
+        apply_temperatures(calibrated, temperatures, fitted_on=args.calibration_split)
+        calibrated.save_pretrained(out / "calibrated")
         report["calibrated_model"] = str(out / "calibrated")
-    plots = write_plots(out, predictions, model.config, temperatures)
-    report["plots"] = plots
+    return write_evaluation(out, report, predictions, model.config, temperatures)
+
+
+def open_splits(paths: Sequence[str | Path], split: str, limit: int | None = None) -> dict[str, Any]:
+    """Dataset name -> that split of each prepared folder (names made unique by the folder's name)."""
+    splits: dict[str, Any] = {}
+    for path in paths:
+        data = open_split(path, split, limit)
+        splits[dataset_name(data, Path(path), set(splits))] = data
+    return splits
+
+
+def write_evaluation(out: Path, report: dict[str, Any], predictions, config, temperatures=None) -> dict[str, Any]:
+    """results.json, report.md and the plots for `predictions`; `report` holds model, name and split."""
+    report.update(build_results(predictions, config, temperatures))
+    report["plots"] = write_plots(out, predictions, config, temperatures)
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    write_report(out, report, plots)
+    write_report(out, report, report["plots"])
     return report
 
 

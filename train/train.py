@@ -1,0 +1,826 @@
+"""Train any row of the study (ZS, LP, FT4, LoRA, DoRA, LoRA+, MTLoRA) from one YAML file, under accelerate.
+
+    python -m train.train --config train/configs/lora.yaml --set train.max_steps=2000 output_dir=runs/lora
+    python -m train.train --config train/configs/lora.yaml --resume                # continue the latest checkpoint
+    torchrun --nproc_per_node 2 -m train.train --config train/configs/lora.yaml   # or: accelerate launch -m ...
+
+`train.batch_size` is the global batch: several processes split each batch between them, so a run gives the
+same result on one device or many. The end of a run: OUTPUT_DIR/best/ (adapters merged; loads with AutoModel
+and pipeline as remote code), OUTPUT_DIR/eval/ (test results through train.evaluate), training_curves.png,
+summary.json and TensorBoard logs in OUTPUT_DIR/logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import difflib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
+TRAINER_STATE = "trainer_state.json"
+BEST_WEIGHTS = "best_trainable.safetensors"
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+# Every key a config may set, with its default. A YAML file or --set may only name these.
+DEFAULTS: dict[str, Any] = {
+    "method": {
+        "name": "lora",
+        "rank": 16,
+        "alpha": None,  # 2 x rank
+        "dropout": 0.0,
+        "target_modules": None,  # q/k/v/out projections and both MLP linears
+        "last_k": None,  # ft: blocks that train (default 4); adapters: only the last k blocks (None: all)
+        "loraplus_ratio": 16.0,
+        "task_rank": 4,
+        "task_scale": 1.0,
+    },
+    "model": {"backbone": "openai/clip-vit-large-patch14-336", "pooling": "attention", "head_dropout": 0.0},
+    "data": {
+        "train": [],
+        "eval": [],
+        "eval_split": "validation",
+        "test_split": "test",
+        "class_alpha": 0.5,
+        "task_alpha": 0.5,
+        "augment": True,
+        "num_workers": 2,
+    },
+    "loss": {"weighting": "uncertainty", "task_weights": None, "label_smoothing": 0.0},
+    "train": {
+        "max_steps": 10000,
+        "batch_size": 64,
+        "grad_accum": 1,
+        "lr": 1e-4,
+        "head_lr": None,
+        "weight_decay": 0.01,
+        "warmup_steps": 500,
+        "max_grad_norm": 1.0,
+        "seed": 0,
+        "device": "auto",
+        "mixed_precision": "auto",
+        "gradient_checkpointing": False,
+        "compile": False,
+        "bf16_base": False,
+    },
+    "eval": {"every": 500, "batch_size": 128, "patience": 5, "limit": None},
+    "checkpoint": {"every": 500, "keep": 2},
+    "output_dir": "runs/train",
+}
+
+# key -> (allowed types, check, what is allowed). Keys absent here take the type of their default.
+FLOAT, INT, OPTIONAL_INT, OPTIONAL_FLOAT = (float, int), (int,), (int, type(None)), (float, int, type(None))
+RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
+    "method.name": ((str,), lambda v: v in METHODS, f"one of {METHODS}"),
+    "method.rank": (INT, lambda v: v > 0, "an integer > 0"),
+    "method.alpha": (OPTIONAL_FLOAT, lambda v: v is None or v > 0, "a number > 0 or null (2 x rank)"),
+    "method.dropout": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "method.target_modules": ((list, type(None)), None, "a list of linear-layer names or null"),
+    "method.last_k": (OPTIONAL_INT, lambda v: v is None or v > 0, "an integer > 0 or null"),
+    "method.loraplus_ratio": (FLOAT, lambda v: v > 0, "a number > 0"),
+    "method.task_rank": ((int, dict), None, "an integer or a task -> integer mapping"),
+    "method.task_scale": (FLOAT, lambda v: v > 0, "a number > 0"),
+    "model.pooling": ((str,), lambda v: v in ("attention", "cls"), "attention or cls"),
+    "model.head_dropout": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "data.train": ((list,), lambda v: all(isinstance(p, str) for p in v), "a list of prepared dataset folders"),
+    "data.eval": ((list,), lambda v: all(isinstance(p, str) for p in v), "a list of prepared dataset folders"),
+    "data.class_alpha": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.task_alpha": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "data.num_workers": (INT, lambda v: v >= 0, "an integer >= 0"),
+    "loss.weighting": ((str,), lambda v: v in ("sum", "uncertainty"), "sum or uncertainty"),
+    "loss.task_weights": ((dict, type(None)), None, "a task -> weight mapping or null"),
+    "loss.label_smoothing": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.max_steps": (INT, lambda v: v > 0, "an integer > 0"),
+    "train.batch_size": (INT, lambda v: v > 0, "an integer > 0 (the global batch)"),
+    "train.grad_accum": (INT, lambda v: v > 0, "an integer > 0"),
+    "train.lr": (FLOAT, lambda v: v > 0, "a number > 0"),
+    "train.head_lr": (OPTIONAL_FLOAT, lambda v: v is None or v > 0, "a number > 0 or null (= lr)"),
+    "train.weight_decay": (FLOAT, lambda v: v >= 0, "a number >= 0"),
+    "train.warmup_steps": (INT, lambda v: v >= 0, "an integer >= 0"),
+    "train.max_grad_norm": (OPTIONAL_FLOAT, lambda v: v is None or v > 0, "a number > 0 or null (no clipping)"),
+    "train.seed": (INT, None, "an integer"),
+    "train.device": ((str,), lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "train.mixed_precision": ((str,), lambda v: v in ("auto", "bf16", "no"), "auto, bf16 or no"),
+    "eval.every": (INT, lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+    "eval.batch_size": (INT, lambda v: v > 0, "an integer > 0"),
+    "eval.patience": (INT, lambda v: v >= 0, "an integer >= 0 (0: no early stopping)"),
+    "eval.limit": (OPTIONAL_INT, lambda v: v is None or v > 0, "an integer > 0 or null (all rows)"),
+    "checkpoint.every": (INT, lambda v: v >= 0, "an integer >= 0 (0: no periodic checkpoints)"),
+    "checkpoint.keep": (INT, lambda v: v > 0, "an integer > 0"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value: reported before any work, exit code 2."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user can fix (data, memory, device): exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(DEFAULTS_FLAT_SECTIONS.get(name), dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+DEFAULTS_FLAT_SECTIONS = {key: value for key, value in DEFAULTS.items() if isinstance(value, dict)}
+KNOWN_KEYS = list(flatten(DEFAULTS))
+
+
+def unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"Unknown config key {key!r} in {source}.{hint} Known keys: {', '.join(KNOWN_KEYS)}.")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """YAML reads 1e-4 as a string (it wants 1.0e-4) and `no` as false: both are taken as meant."""
+    if key == "train.mixed_precision" and value is False:
+        return "no"
+    types = RULES.get(key, ((type(flatten(DEFAULTS)[key]),), None, ""))[0]
+    if isinstance(value, str) and float in types:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def check_value(key: str, value: Any) -> None:
+    default = flatten(DEFAULTS)[key]
+    types, check, allowed = RULES.get(key, ((type(default),), None, f"a {type(default).__name__}"))
+    wrong_type = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+    if wrong_type or (check is not None and not check(value)):
+        raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}.")
+
+
+def set_value(config: dict[str, Any], key: str, value: Any, source: str) -> None:
+    if key not in KNOWN_KEYS:
+        raise unknown_key_error(key, source)
+    value = coerce(key, value)
+    check_value(key, value)
+    section, _, leaf = key.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """DEFAULTS, then the YAML file, then `--set key=value` overrides (values parsed as YAML); all checked."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (method, model, data, ...).")
+        for key, value in flatten(loaded).items():
+            set_value(config, key, value, str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write key=value, e.g. --set train.max_steps=2000.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({error}).") from error
+        set_value(config, key.strip(), value, "--set")
+    method = config["method"]["name"]
+    if method != "zs" and not config["data"]["train"]:
+        raise ConfigError(
+            f"method {method!r} trains: set data.train (prepared dataset folders), e.g. --set "
+            "'data.train=[data/utkface, data/fairface, data/rafdb]'."
+        )
+    return config
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file, or the name of one in train/configs (e.g. `lora`)."""
+    candidates = [Path(path), CONFIG_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"--config {path}: no such file. The study's rows are in train/configs: {available}.")
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(config: dict[str, Any]):
+    """The study's row: CLIP's zero-shot model from the backbone, then the method applied (fp32)."""
+    from softbio_hf import SoftBioModel
+
+    method, loss = config["method"], config["loss"]
+    try:
+        model = SoftBioModel.from_clip(
+            config["model"]["backbone"],
+            pooling=config["model"]["pooling"],
+            head_dropout=config["model"]["head_dropout"],
+            loss_weighting=loss["weighting"],
+            task_weights=loss["task_weights"],
+            label_smoothing=loss["label_smoothing"],
+        )
+    except OSError as error:
+        raise TrainingError(
+            f"model.backbone={config['model']['backbone']!r} could not be loaded ({error}). Give a CLIP Hub id "
+            "(needs the network or a cached copy) or a local folder holding a CLIP checkpoint with its tokenizer."
+        ) from error
+    options: dict[str, Any] = {"pooling": config["model"]["pooling"]}
+    if method["name"] == "ft":
+        options["last_k"] = method["last_k"] or 4
+    elif method["name"] in ("lora", "dora", "loraplus", "mtlora"):
+        options.update({k: method[k] for k in ("rank", "alpha", "dropout", "target_modules", "last_k")})
+        if method["name"] == "loraplus":
+            options["loraplus_ratio"] = method["loraplus_ratio"]
+        if method["name"] == "mtlora":
+            options.update(task_rank=method["task_rank"], task_scale=method["task_scale"])
+    if method["name"] == "zs":
+        options = {}
+    try:
+        return model.apply_method(method["name"], **options)
+    except ValueError as error:
+        raise ConfigError(f"method {method['name']!r}: {error}") from error
+
+
+def trainable_state(model) -> dict[str, Any]:
+    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def format_parameter_report(model) -> str:
+    rows = model.parameter_report()
+    lines = [f"{'part':<22} {'trainable':>14} {'total':>14}"]
+    lines += [f"{r['part']:<22} {r['trainable']:>14,} {r['total']:>14,}" for r in rows]
+    total = rows[-1]
+    lines.append(f"trainable share: {100 * total['trainable'] / max(1, total['total']):.2f}%")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DrawnRows:
+    """The training draw as a dataset: position i is row drawn[i], tagged with i for its augmentation seed."""
+
+    def __init__(self, dataset, drawn: Sequence[int]):
+        self.dataset, self.drawn = dataset, drawn
+
+    def __len__(self) -> int:
+        return len(self.drawn)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return {**self.dataset[int(self.drawn[position])], "draw": position}
+
+
+def label_coverage(dataset, tasks: Sequence[str]) -> dict[str, int]:
+    import numpy as np
+
+    return {
+        task: int((np.asarray(dataset[task]) != -100).sum()) if task in dataset.column_names else 0 for task in tasks
+    }
+
+
+def training_draw(dataset, config: dict[str, Any]) -> list[int]:
+    """Every row index the run will see, in order: task- and class-balanced, fixed by the seed."""
+    from train.data import balanced_sampler
+
+    train = config["train"]
+    total = train["max_steps"] * train["batch_size"] * train["grad_accum"]
+    sampler = balanced_sampler(
+        dataset,
+        num_samples=total,
+        seed=train["seed"],
+        class_alpha=config["data"]["class_alpha"],
+        task_alpha=config["data"]["task_alpha"],
+    )
+    return list(sampler)
+
+
+def check_image_size(dataset, image_size: int) -> None:
+    if not len(dataset):
+        return
+    shorter = min(dataset[0]["image"].size)
+    if shorter != image_size:
+        print(
+            f"warning: the training images were prepared at {shorter} px (shorter side); the model takes "
+            f"{image_size} px, so every image is resized on the fly. Prepare with --image-size {image_size} to "
+            "save that work.",
+            file=sys.stderr,
+        )
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -------------------------------------------------------------------------------------------- the run
+class Run:
+    """One training run: accelerator, model, data, optimizer and the bookkeeping that a resume restores."""
+
+    def __init__(self, config: dict[str, Any], resume: str | bool | None = None):
+        self.config = config
+        self.out = Path(config["output_dir"])
+        self.resume_from = self._checkpoint_to_resume(resume)
+        self.step = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_gain = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_saved_step: int | None = None
+
+    # ------------------------------------------------------------------------------------- setup
+    def _checkpoint_to_resume(self, resume: str | bool | None) -> Path | None:
+        if not resume:
+            if (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
+                raise ConfigError(
+                    f"output_dir {self.out} already holds a run's checkpoints. Continue it with --resume, or choose "
+                    "another folder with --set output_dir=..."
+                )
+            return None
+        if resume is True:
+            found = checkpoints_in(self.out)
+            if not found:
+                raise ConfigError(f"--resume: no checkpoint in {self.out / 'checkpoints'} to continue from.")
+            return found[-1]
+        path = Path(resume)
+        if not (path / TRAINER_STATE).is_file():
+            raise ConfigError(f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE}).")
+        return path
+
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        from softbio_hf.pipeline_softbio import fast_bf16_available
+
+        train = self.config["train"]
+        cpu = train["device"] == "cpu" or (train["device"] == "auto" and not torch.cuda.is_available())
+        if train["device"] == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda: this machine has no CUDA device; use cpu or auto.")
+        device = torch.device("cpu" if cpu else "cuda")
+        precision = train["mixed_precision"]
+        if precision == "auto":
+            precision = "bf16" if fast_bf16_available(device) else "no"
+        if train["bf16_base"] and precision != "bf16":
+            raise ConfigError("train.bf16_base needs train.mixed_precision=bf16 (the frozen weights run in bf16).")
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with="tensorboard",
+            project_dir=str(self.out / "logs"),
+            dynamo_backend="inductor" if train["compile"] else "no",
+        )
+        if train["batch_size"] % self.accelerator.num_processes:
+            raise ConfigError(
+                f"train.batch_size={train['batch_size']} is the global batch and must divide among "
+                f"{self.accelerator.num_processes} processes."
+            )
+        set_seed(train["seed"])
+        self.model = build_model(self.config)
+        self.tasks = list(self.model.config.tasks)
+        self.main = self.accelerator.is_main_process
+
+    def prepare_training(self) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from softbio_hf import image_processor_for
+        from train.data import SoftBioCollator, load_prepared
+
+        config, train = self.config, self.config["train"]
+        data = load_prepared_or_explain(load_prepared, config["data"]["train"], "train")
+        coverage = label_coverage(data, self.tasks)
+        self.untrained = [task for task, n in coverage.items() if n == 0]
+        if self.untrained and self.main:  # a warning, not a crash: the other tasks still train
+            print(
+                f"warning: no training row is labelled for {self.untrained}; those heads stay untrained "
+                "(reported in summary.json).",
+                file=sys.stderr,
+            )
+        if len(self.untrained) == len(self.tasks):
+            raise TrainingError(f"no row of data.train={config['data']['train']} is labelled for any task.")
+        check_image_size(data, self.model.config.image_size)
+        self.coverage = coverage
+        collator = SoftBioCollator(
+            image_processor_for(self.model.config), train=config["data"]["augment"], seed=train["seed"]
+        )
+        self.loader = DataLoader(
+            DrawnRows(data, training_draw(data, config)),
+            batch_size=train["batch_size"],
+            shuffle=False,
+            collate_fn=collator,
+            num_workers=config["data"]["num_workers"],
+        )
+        if train["gradient_checkpointing"]:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train["bf16_base"]:  # frozen weights in bf16: half the memory and no per-step cast under autocast
+            for param in self.model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+        ratio = self.config["method"]["loraplus_ratio"] if self.config["method"]["name"] == "loraplus" else None
+        groups = self.model.optimizer_groups(
+            train["lr"], loraplus_ratio=ratio, weight_decay=train["weight_decay"], head_lr=train["head_lr"]
+        )
+        self.optimizer = torch.optim.AdamW(groups)
+        warmup, total = train["warmup_steps"], train["max_steps"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, self.loader)
+        self.eval_sets = self.open_eval_sets(config["data"]["eval"], config["data"]["eval_split"])
+
+    def open_eval_sets(self, paths: Sequence[str], split: str) -> dict[str, Any]:
+        """Validation sets by dataset name; a folder without the split (RAF-DB has only train and test) is
+        left out with a warning, never used to select on its test split."""
+        from train.evaluate import EvaluationError, open_splits
+
+        sets = {}
+        for path in paths:
+            try:
+                found = open_splits([path], split, self.config["eval"]["limit"])
+            except EvaluationError as error:
+                if self.main:
+                    print(f"warning: not validated on {path}: {error}", file=sys.stderr)
+                continue
+            for name, data in found.items():
+                sets[name if name not in sets else Path(path).name] = data
+        return sets
+
+    @property
+    def core(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---------------------------------------------------------------------------------- state
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "evals_without_gain": self.evals_without_gain,
+            "history": self.history,
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.config,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """accelerate's full state (model, optimizer, RNGs) plus ours; the oldest beyond checkpoint.keep go."""
+        folder = self.out / "checkpoints" / f"step-{self.step:07d}"
+        self.accelerator.save_state(str(folder))
+        if self.main:
+            (folder / TRAINER_STATE).write_text(json.dumps(self.trainer_state(), indent=1))
+            for old in checkpoints_in(self.out)[: -self.config["checkpoint"]["keep"]]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.last_saved_step = self.step
+        return folder
+
+    def restore(self, folder: Path) -> None:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        changed = [k for k in ("method", "model", "data", "loss") if state["config"].get(k) != self.config.get(k)]
+        if changed:
+            raise ConfigError(
+                f"--resume {folder}: the config's {changed} differ from the checkpoint's; resume with the same "
+                "config (train.max_steps, eval and checkpoint settings may change)."
+            )
+        self.accelerator.load_state(str(folder))
+        self.step = state["step"]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        self.evals_without_gain = state["evals_without_gain"]
+        self.history = state["history"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.last_saved_step = self.step
+
+    # ----------------------------------------------------------------------------------- loop
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; losses normalised over every process's rows."""
+        import torch
+
+        accelerator, accum = self.accelerator, self.config["train"]["grad_accum"]
+        logged: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            targets = {task: batch[task] for task in self.tasks if task in batch}
+            local = torch.stack([(targets[t] != -100).sum() for t in targets])
+            counts = dict(zip(targets, accelerator.reduce(local, reduction="sum").tolist(), strict=True))
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
+                logits = self.model(pixel_values=batch["pixel_values"]).logits
+                loss, task_losses = self.core.compute_loss(
+                    logits, targets, counts, scale=accelerator.num_processes, complete_graph=True
+                )
+                accelerator.backward(loss / accum)
+            logged["loss"] = logged.get("loss", 0.0) + loss.item() / accum
+            for task, value in task_losses.items():
+                name = f"loss/{task}"
+                logged[name] = logged.get(name, 0.0) + value.item() / accelerator.num_processes / accum
+        if self.config["train"]["max_grad_norm"] and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(self.model.parameters(), self.config["train"]["max_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            logged[f"lr/{group['name']}"] = group["lr"]
+        if self.core.loss_weights is not None:
+            for task, log_var in self.core.loss_weights.log_vars.items():
+                logged[f"task_weight/{task}"] = math.exp(-float(log_var))
+        return logged
+
+    def evaluate(self) -> float | None:
+        from train.evaluate import evaluate_datasets
+
+        if not self.eval_sets:
+            return None
+        batch = self.config["eval"]["batch_size"]
+        batch += -batch % self.accelerator.num_processes  # split evenly between processes
+        report = evaluate_datasets(
+            self.model, self.eval_sets, batch_size=batch, num_workers=0, accelerator=self.accelerator
+        )
+        score = report["summary"]["overall"]
+        entry = {
+            "step": self.step,
+            "overall": score,
+            **{f"val/{k}": v for k, v in report["summary"].items() if isinstance(v, float)},
+        }
+        self.history.append(entry)
+        self.accelerator.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=self.step)
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score, self.best_step, self.evals_without_gain = score, self.step, 0
+            self.save_best()
+        else:
+            self.evals_without_gain += 1
+        return score
+
+    def save_best(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(self.core), str(self.out / BEST_WEIGHTS))
+        self.accelerator.wait_for_everyone()
+
+    def loop(self, on_step: Callable[[int], None] | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        train, every, keep_every = config["train"], config["eval"]["every"], config["checkpoint"]["every"]
+        accum, patience = train["grad_accum"], config["eval"]["patience"]
+        loader = self.accelerator.skip_first_batches(self.loader, self.step * accum) if self.step else self.loader
+        batches = iter(loader)
+        bar = tqdm(total=train["max_steps"], initial=self.step, desc="train", unit="step", disable=not self.main)
+        started, seen = time.perf_counter(), 0
+        try:
+            while self.step < train["max_steps"]:
+                logged = self.train_step([next(batches) for _ in range(accum)])
+                self.step += 1
+                seen += train["batch_size"] * accum
+                images_per_s = seen / (time.perf_counter() - started)
+                self.accelerator.log({**logged, "images_per_s": images_per_s}, step=self.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{images_per_s:.1f}")
+                if self.main:
+                    self.history.append(
+                        {
+                            "step": self.step,
+                            **{k: v for k, v in logged.items() if "/" not in k or k.startswith("loss/")},
+                        }
+                    )
+                if every and self.step % every == 0 and self.step < train["max_steps"]:
+                    self.evaluate()
+                    if patience and self.evals_without_gain >= patience:
+                        print(f"early stop at step {self.step}: no gain in {patience} evaluations", file=sys.stderr)
+                        break
+                if keep_every and self.step % keep_every == 0:
+                    self.save_checkpoint()
+                if on_step is not None:
+                    on_step(self.step)
+        except KeyboardInterrupt:
+            folder = self.save_checkpoint() if self.last_saved_step != self.step else checkpoints_in(self.out)[-1]
+            raise Interrupted(folder, self.step) from None
+        finally:
+            bar.close()
+        self.images_per_s = seen / max(1e-9, time.perf_counter() - started)
+        if not self.eval_sets:
+            self.save_best()  # nothing to select on: the final weights ship
+        elif not self.history or self.history[-1].get("step") != self.step or "overall" not in self.history[-1]:
+            self.evaluate()
+
+    # ------------------------------------------------------------------------------------ end
+    def finish(self) -> dict[str, Any]:
+        """best/ with adapters merged, test results beside it, curves and a summary (main process)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if not self.main:
+            return {}
+        from safetensors.torch import load_file
+
+        best = build_model(self.config)  # fresh fp32 weights: frozen ones exactly as the backbone's
+        weights = load_file(str(self.out / BEST_WEIGHTS))
+        missing = [n for n, p in best.named_parameters() if p.requires_grad and n not in weights]
+        if missing:
+            raise TrainingError(f"{BEST_WEIGHTS} lacks {missing[:3]}...; the run folder is incomplete.")
+        best.load_state_dict(weights, strict=False)
+        return self.ship(best)
+
+    def ship(self, model) -> dict[str, Any]:
+        model.merge_adapters()
+        model.eval().save_pretrained(self.out / "best")
+        summary = {
+            "method": self.config["method"]["name"],
+            "steps": self.step,
+            "best_step": self.best_step,
+            "best_validation_overall": self.best_score,
+            "label_coverage": getattr(self, "coverage", None),
+            "untrained_heads": getattr(self, "untrained", []),
+            "images_per_s": round(getattr(self, "images_per_s", 0.0), 2),
+            "parameters": model.parameter_report(),
+            "best": str(self.out / "best"),
+        }
+        summary["test"] = self.test(model)
+        if self.history:
+            summary["curves"] = plot_curves(self.history, self.out / "training_curves.png")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def test(self, model) -> dict[str, Any] | None:
+        """Test results of the shipped model through train.evaluate, for the datasets that have the split."""
+        from train.evaluate import EvaluationError, open_split, predict, write_evaluation
+
+        data = self.config["data"]
+        splits = {}
+        for path in data["eval"] or data["train"]:
+            try:
+                split = open_split(path, data["test_split"])
+            except EvaluationError:
+                print(f"note: {path} has no {data['test_split']!r} split; not in the test results", file=sys.stderr)
+                continue
+            splits[split.unique("dataset")[0] if len(split) else Path(path).name] = split
+        if not splits:
+            return None
+        out = self.out / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        model.to(self.accelerator.device)
+        batch = self.config["eval"]["batch_size"]
+        predictions = {
+            name: predict(model, split, batch_size=batch, desc=f"test {name}") for name, split in splits.items()
+        }
+        report = {"model": str(self.out / "best"), "name": self.out.name, "split": data["test_split"]}
+        report = write_evaluation(out, report, predictions, model.config)
+        return report["summary"]
+
+
+class Interrupted(Exception):
+    def __init__(self, folder: Path, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.folder, self.step = folder, step
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    return sorted(p for p in folder.glob("step-*") if (p / TRAINER_STATE).is_file()) if folder.is_dir() else []
+
+
+def load_prepared_or_explain(load_prepared, paths: Sequence[str], split: str):
+    try:
+        return load_prepared(paths, split)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingError(
+            f"data.train: {error}. Prepare each dataset first: python -m train.data prepare --dataset NAME "
+            "--root DATASET_FOLDER --out FOLDER"
+        ) from error
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
+    """Training loss per task and the validation overall score against the step, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h for h in history if "loss" in h]
+    for key in ["loss", *sorted({k for h in steps for k in h if k.startswith("loss/")})]:
+        points = [(h["step"], h[key]) for h in steps if key in h]
+        left.plot(*zip(*points, strict=True), label=key.replace("loss/", ""), linewidth=1)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.legend(fontsize=7)
+    evals = [(h["step"], h["overall"]) for h in history if h.get("overall") is not None]
+    if evals:
+        right.plot(*zip(*evals, strict=True), marker="o")
+    right.set_xlabel("step")
+    right.set_ylabel("validation overall accuracy %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def run_training(
+    config: dict[str, Any], resume: str | bool | None = None, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """The whole run; `on_step(step)` is called after every optimizer step (progress hooks, tests)."""
+    import torch
+
+    run = Run(config, resume)
+    run.setup()
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        print(yaml.safe_dump(config, sort_keys=False))
+        print(format_parameter_report(run.model))
+    if config["method"]["name"] == "zs":  # evaluation only: the zero-shot model is the result
+        return run.ship(run.model) if run.main else {}
+    run.prepare_training()
+    run.accelerator.init_trackers("softbio", config=tracker_config(config))
+    if run.resume_from is not None:
+        run.restore(run.resume_from)
+        if run.main:
+            print(f"resuming from {run.resume_from} at step {run.step}", file=sys.stderr)
+    try:
+        run.loop(on_step)
+    except torch.OutOfMemoryError as error:
+        raise TrainingError(
+            f"out of memory at train.batch_size={config['train']['batch_size']}: use a smaller batch with "
+            "train.grad_accum to keep the global batch (e.g. --set train.batch_size=32 train.grad_accum=2), or "
+            "--set train.gradient_checkpointing=true."
+        ) from error
+    return run.finish()
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.train",
+        description="Train one row of the study from a YAML config (train/configs: zs, lp, ft4, lora, dora, "
+        "loraplus, mtlora). The same command runs under `torchrun --nproc_per_node N -m train.train` or "
+        "`accelerate launch -m train.train` on several devices; train.batch_size is the global batch.",
+    )
+    parser.add_argument("--config", required=True, help="a YAML file, or a name in train/configs (e.g. lora)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, values in YAML: train.max_steps=2000 'data.train=[data/utkface]' "
+        "model.backbone=PATH output_dir=runs/x",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the latest checkpoint in output_dir, or the given checkpoint folder",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        summary = run_training(config, args.resume)
+    except (ConfigError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Interrupted as stop:
+        print(
+            f"interrupted at step {stop.step}; checkpoint in {stop.folder}. Continue with the same command and "
+            "--resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if summary:
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("method", "steps", "best_step", "test", "best") if k in summary}, indent=2
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
