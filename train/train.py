@@ -226,6 +226,8 @@ def build_model(config: dict[str, Any]):
     from softbio_hf import SoftBioModel
 
     method, loss = config["method"], config["loss"]
+    if method["name"] == "zs" and config["model"]["pooling"] != "cls":
+        raise ConfigError("method zs uses CLIP's own pooling (the class token): set model.pooling=cls.")
     try:
         model = SoftBioModel.from_clip(
             config["model"]["backbone"],
@@ -255,6 +257,19 @@ def build_model(config: dict[str, Any]):
         return model.apply_method(method["name"], **options)
     except ValueError as error:
         raise ConfigError(f"method {method['name']!r}: {error}") from error
+
+
+def freeze_tasks(model, tasks: Sequence[str]) -> None:
+    """Leave these tasks' own parameters (head, pooling query, log-variance, MTLoRA task pairs) as they are:
+    with no labels they get no gradient, and AdamW's weight decay alone would still shrink them."""
+    markers = [
+        m
+        for task in tasks
+        for m in (f"heads.{task}.", f"probes.{task}", f"log_vars.{task}", f"task_A.{task}", f"task_B.{task}")
+    ]
+    for name, param in model.named_parameters():
+        if any(marker in name for marker in markers):
+            param.requires_grad_(False)
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -418,6 +433,7 @@ class Run:
             )
         if len(self.untrained) == len(self.tasks):
             raise TrainingError(f"no row of data.train={config['data']['train']} is labelled for any task.")
+        freeze_tasks(self.model, self.untrained)
         check_image_size(data, self.model.config.image_size)
         self.coverage = coverage
         collator = SoftBioCollator(
@@ -538,7 +554,7 @@ class Run:
             logged[f"lr/{group['name']}"] = group["lr"]
         if self.core.loss_weights is not None:
             for task, log_var in self.core.loss_weights.log_vars.items():
-                logged[f"task_weight/{task}"] = math.exp(-float(log_var))
+                logged[f"task_weight/{task}"] = math.exp(-log_var.item())
         return logged
 
     def evaluate(self) -> float | None:
@@ -630,6 +646,7 @@ class Run:
         from safetensors.torch import load_file
 
         best = build_model(self.config)  # fresh fp32 weights: frozen ones exactly as the backbone's
+        freeze_tasks(best, self.untrained)
         weights = load_file(str(self.out / BEST_WEIGHTS))
         missing = [n for n, p in best.named_parameters() if p.requires_grad and n not in weights]
         if missing:
@@ -648,6 +665,7 @@ class Run:
             "label_coverage": getattr(self, "coverage", None),
             "untrained_heads": getattr(self, "untrained", []),
             "images_per_s": round(getattr(self, "images_per_s", 0.0), 2),
+            "processes": self.accelerator.num_processes,
             "parameters": model.parameter_report(),
             "best": str(self.out / "best"),
         }

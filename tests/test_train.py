@@ -1,0 +1,213 @@
+"""train/train.py on a learnable synthetic dataset with a tiny random CLIP: learning, resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from remote import run_without_softbio
+from safetensors.torch import load_file
+from synthetic import make_synthetic_folder
+
+from train.data import prepare
+from train.train import BEST_WEIGHTS, Interrupted, build_model, load_config, main, run_training, training_draw
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_folder(root / "raw")
+    prepare("folder", root / "raw", root / "prepared", image_size=32)
+    return root / "prepared"
+
+
+def settings(synthetic, backbone, out, **extra) -> list[str]:
+    values = {
+        "model.backbone": str(backbone),
+        "data.train": f"[{synthetic}]",
+        "data.eval": f"[{synthetic}]",
+        "train.max_steps": 150,
+        "train.batch_size": 32,
+        "train.warmup_steps": 5,
+        "train.mixed_precision": "no",
+        "train.device": "cpu",
+        "eval.every": 50,
+        "checkpoint.every": 50,
+        "data.num_workers": 0,
+        "output_dir": str(out),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def trained(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / BEST_WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic, tiny_clip_dir, tmp_path_factory):
+    """lp, lora and mtlora trained once for the module (about 5 s each)."""
+    folders = {}
+    for method in ("lp", "lora", "mtlora"):
+        out = tmp_path_factory.mktemp(f"run-{method}")
+        config = load_config(method, settings(synthetic, tiny_clip_dir, out))
+        run_training(config)
+        folders[method] = out
+    return folders
+
+
+@pytest.mark.parametrize("method", ["lp", "lora", "mtlora"])
+def test_methods_learn_every_task_well_above_chance(runs, method):
+    out = runs[method]
+    results = json.loads((out / "eval" / "results.json").read_text())["results"]
+    accuracy = {task: metrics["accuracy"] for task, metrics in next(iter(results.values())).items()}
+    # chance: gender 50%, age 33% and emotion 33% (three classes of each are used)
+    assert accuracy["gender"] >= 90, accuracy
+    assert accuracy["age"] >= 70, accuracy
+    assert accuracy["emotion"] >= 55, accuracy
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 150 and summary["untrained_heads"] == [] and summary["processes"] == 1
+    assert summary["label_coverage"]["emotion"] < summary["label_coverage"]["gender"]  # emotion is sparse
+    assert (out / "best" / "model.safetensors").is_file() and (out / "training_curves.png").is_file()
+    assert (out / "eval" / "report.md").is_file() and (out / "config.yaml").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    assert len(list((out / "checkpoints").iterdir())) == 2  # checkpoint.keep
+
+
+def test_best_loads_as_remote_code_and_gives_the_training_time_logits(runs, tmp_path):
+    out = runs["mtlora"]
+    config = load_config(out / "config.yaml")
+    training_time = build_model(config)  # unmerged adapters, as during training
+    training_time.load_state_dict(trained(out), strict=False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = training_time.eval()(x).logits
+    shipped = run_without_softbio(tmp_path, out / "best", x)
+    for task, logits in expected.items():
+        torch.testing.assert_close(shipped[task], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_killed_run_and_an_interrupted_one_resume_to_the_same_weights(synthetic, tiny_clip_dir, tmp_path):
+    def config(name):
+        extra = {"train.max_steps": 10, "checkpoint.every": 4, "eval.every": 0, "data.num_workers": 2}
+        return load_config("lora", settings(synthetic, tiny_clip_dir, tmp_path / name, **extra))
+
+    run_training(config("straight"))
+    straight = trained(tmp_path / "straight")
+
+    def crash(step):
+        if step == 7:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_training(config("killed"), on_step=crash)
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-0000004"]
+    run_training(config("killed"), resume=True)  # continues at step 4 with the same data, lr and RNG
+    resumed = trained(tmp_path / "killed")
+
+    def ctrl_c(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as stop:
+        run_training(config("interrupted"), on_step=ctrl_c)
+    assert stop.value.step == 6 and stop.value.folder.name == "step-0000006"  # written on the way out
+    run_training(config("interrupted"), resume=True)
+    interrupted = trained(tmp_path / "interrupted")
+    assert set(straight) == set(resumed) == set(interrupted)
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+        assert torch.equal(interrupted[name], value), name
+
+
+def test_two_processes_match_one_with_the_same_global_batch(synthetic, tiny_clip_dir, tmp_path):
+    extra = {"train.max_steps": 12, "train.batch_size": 8, "eval.every": 6, "checkpoint.every": 0}
+    args = ["--config", "lora", "--set", *settings(synthetic, tiny_clip_dir, tmp_path / "two", **extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.train", *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one = load_config("lora", settings(synthetic, tiny_clip_dir, tmp_path / "one", **extra))
+    run_training(one)
+    # the draw holds steps in which one process's half of the batch has no emotion label at all
+    from datasets import load_from_disk
+
+    emotion = np.asarray(load_from_disk(str(synthetic))["train"]["emotion"])[
+        training_draw(load_from_disk(str(synthetic))["train"], one)
+    ].reshape(12, 2, 4)
+    lacking = ((emotion != -100).sum(axis=2) == 0) & ((emotion != -100).sum(axis=(1, 2)) > 0)[:, None]
+    assert lacking.any()
+    single, double = trained(tmp_path / "one"), trained(tmp_path / "two")
+    for name, value in single.items():
+        torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_without_training_labels_is_reported_and_left_untrained(tiny_clip_dir, tmp_path, capsys):
+    make_synthetic_folder(tmp_path / "raw", rows=60, emotion_share=0.0)
+    prepare("folder", tmp_path / "raw", tmp_path / "data", image_size=32)
+    extra = {"train.max_steps": 5, "data.eval": "[]", "checkpoint.every": 0}
+    config = load_config("lp", settings(tmp_path / "data", tiny_clip_dir, tmp_path / "run", **extra))
+    summary = run_training(config)
+    assert summary["untrained_heads"] == ["emotion"]
+    assert "no training row is labelled for ['emotion']" in capsys.readouterr().err
+    from softbio_hf import SoftBioModel
+
+    fresh, shipped = build_model(config), SoftBioModel.from_pretrained(tmp_path / "run" / "best")
+    assert "heads.emotion.classifier.weight" not in trained(tmp_path / "run")  # never in the optimizer
+    assert torch.equal(shipped.heads["emotion"].classifier.weight, fresh.heads["emotion"].classifier.weight)
+    assert not torch.equal(shipped.heads["gender"].classifier.weight, fresh.heads["gender"].classifier.weight)
+
+
+def test_zero_shot_row_is_evaluation_only(synthetic, tiny_clip_dir, tmp_path):
+    from softbio_hf import SoftBioModel
+
+    summary = run_training(load_config("zs", settings(synthetic, tiny_clip_dir, tmp_path / "zs")))
+    assert summary["steps"] == 0 and set(summary["test"]) >= {"age", "gender", "emotion", "overall"}
+    shipped = SoftBioModel.from_pretrained(tmp_path / "zs" / "best").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = SoftBioModel.from_clip(tiny_clip_dir).eval()(x).logits
+        for task, logits in shipped(x).logits.items():
+            torch.testing.assert_close(logits, expected[task])
+    with pytest.raises(ValueError, match="model.pooling=cls"):
+        build_model(load_config("zs", ["model.pooling=attention"]))
+
+
+# ------------------------------------------------------------------------------------------ bad config
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_step=10", "Did you mean 'train.max_steps'"),
+        ("trian.lr=1.0e-3", "Did you mean 'train.lr'"),
+        ("train.batch_size=abc", "train.batch_size='abc' is not allowed: use an integer > 0"),
+        ("train.lr=-1", "train.lr=-1 is not allowed: use a number > 0"),
+        ("method.name=qlora", "method.name='qlora' is not allowed: use one of"),
+        ("loss.label_smoothing=1.5", "loss.label_smoothing=1.5"),
+        ("train.max_steps", "write key=value"),
+    ],
+)
+def test_bad_config_fails_before_any_work(override, message, capsys, tmp_path):
+    assert main(["--config", "lora", "--set", override, f"output_dir={tmp_path / 'never'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text("method:\n  name: lora\n  rnak: 8\n")
+    assert main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "'method.rnak'" in error and str(path) in error and "'method.rank'" in error
+
+
+def test_yaml_numbers_written_the_short_way_are_numbers():
+    config = load_config("lora", ["train.lr=1e-4", "train.mixed_precision=no", "data.train=[x]"])
+    assert config["train"]["lr"] == pytest.approx(1e-4) and config["train"]["mixed_precision"] == "no"
