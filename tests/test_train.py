@@ -177,7 +177,7 @@ def test_zero_shot_row_is_evaluation_only(synthetic, tiny_clip_dir, tmp_path):
         expected = SoftBioModel.from_clip(tiny_clip_dir).eval()(x).logits
         for task, logits in shipped(x).logits.items():
             torch.testing.assert_close(logits, expected[task])
-    with pytest.raises(ValueError, match="model.pooling=cls"):
+    with pytest.raises(ValueError, match=r"model\.pooling=cls"):
         build_model(load_config("zs", ["model.pooling=attention"]))
 
 
