@@ -98,9 +98,11 @@ def test_fairface_from_the_hub_layout():
 def test_rafdb_maps_ids_and_skips_missing_files(tmp_path):
     make_rafdb(tmp_path / "raf")
     splits, report = prepare("rafdb", tmp_path / "raf", tmp_path / "out", image_size=32)
-    assert rows_by_split(splits) == {"train": 6, "test": 2}
+    # no official validation set: 10% of train by a hash of the name (here train_00001)
+    assert rows_by_split(splits) == {"train": 5, "validation": 1, "test": 2}
     assert report["skipped"]["counts"] == {"missing image": 1}
-    assert splits["train"]["emotion"] == [0, 3, 3, 6, 5, 1]  # ids 1..7 -> surprise..neutral
+    assert splits["validation"]["emotion"] == [0]  # ids 1..7 -> surprise..neutral
+    assert splits["train"]["emotion"] == [3, 3, 6, 5, 1]
     assert splits["test"]["emotion"] == [2, 4]
 
 
@@ -160,7 +162,7 @@ def test_stats_tables_and_cli(tmp_path, capsys):
         )
         == 0
     )
-    assert "train 6, test 2 rows" in capsys.readouterr().out
+    assert "train 5, validation 1, test 2 rows" in capsys.readouterr().out
     prepare("folder", tmp_path / "mine", tmp_path / "f", image_size=32)
 
     raf = stats(load_from_disk(str(tmp_path / "r"))["train"])

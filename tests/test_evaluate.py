@@ -203,9 +203,9 @@ def test_a_folder_that_is_not_prepared_names_the_command(tmp_path, tiny_clip_dir
 
 
 def test_a_missing_split_is_named(prepared, tiny_clip_dir, capsys):
-    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["rafdb"], "--split", "validation") == 2
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["fairface"], "--split", "test") == 2
     error = capsys.readouterr().err
-    assert "no 'validation' split" in error and "['test', 'train']" in error
+    assert "no 'test' split" in error and "['train', 'validation']" in error
 
 
 def test_a_model_with_other_labels_is_refused(prepared, tiny_config, tmp_path, capsys):

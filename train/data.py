@@ -236,6 +236,14 @@ def fairface_from_hub(dataset_dict) -> list[dict]:
     return rows
 
 
+def rafdb_split(name: str) -> str:
+    """RAF-DB's official test set stays test; it has no validation set, so 10% of its training images (by a
+    hash of the name, the same everywhere) become one: a best checkpoint is never chosen on test images."""
+    if not name.startswith("train"):
+        return "test"
+    return "validation" if hashed_split(name, validation=0.1, test=0.0) == "validation" else "train"
+
+
 def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
     """RAF-DB basic: `train_00001.jpg 5` lines (ids 1..7 = surprise..neutral) and aligned images."""
     partition = root / "EmoLabel" / "list_patition_label.txt"
@@ -255,8 +263,7 @@ def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
         if not image.is_file():
             skips.add("missing image", str(image.relative_to(root)))
             continue
-        split = "train" if name.startswith("train") else "test"
-        rows.append(make_row(str(image), "rafdb", split, emotion=int(label) - 1))
+        rows.append(make_row(str(image), "rafdb", rafdb_split(name), emotion=int(label) - 1))
     return rows
 
 

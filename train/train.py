@@ -463,8 +463,8 @@ class Run:
         self.eval_sets = self.open_eval_sets(config["data"]["eval"], config["data"]["eval_split"])
 
     def open_eval_sets(self, paths: Sequence[str], split: str) -> dict[str, Any]:
-        """Validation sets by dataset name; a folder without the split (RAF-DB has only train and test) is
-        left out with a warning, never used to select on its test split."""
+        """Validation sets by dataset name; a folder without the split (one prepared before RAF-DB got its
+        validation split) is left out with a warning: a best checkpoint is never chosen on test data."""
         from train.evaluate import EvaluationError, open_splits
 
         sets = {}
