@@ -167,17 +167,17 @@ def test_stats_tables_and_cli(tmp_path, capsys):
 
     raf = stats(load_from_disk(str(tmp_path / "r"))["train"])
     emotion = {row["label"]: row for row in raf["classes"]["emotion"]}
-    assert emotion["happy"]["samples"] == 2 and emotion["happy"]["share"] == pytest.approx(33.33)
-    assert emotion["happy"]["weighted"] == pytest.approx(100 * np.sqrt(2) / (4 + np.sqrt(2)), abs=0.01)
+    assert emotion["happy"]["samples"] == 2 and emotion["happy"]["share"] == pytest.approx(40.0)
+    assert emotion["happy"]["weighted"] == pytest.approx(100 * np.sqrt(2) / (3 + np.sqrt(2)), abs=0.01)
     assert emotion["disgust"]["samples"] == 0 and emotion["disgust"]["weighted"] == 0
 
     assert main(["stats", str(tmp_path / "r"), str(tmp_path / "f"), "--json"]) == 0
     combined = json.loads(capsys.readouterr().out)
-    assert combined["rows"] == 8
+    assert combined["rows"] == 7
     assert combined["coverage"] == {
-        "age": {"samples": 2, "share": 25.0},
-        "gender": {"samples": 1, "share": 12.5},
-        "emotion": {"samples": 7, "share": 87.5},
+        "age": {"samples": 2, "share": 28.57},
+        "gender": {"samples": 1, "share": 14.29},
+        "emotion": {"samples": 6, "share": 85.71},
     }
     assert main(["stats", str(tmp_path / "r")]) == 0
     table = capsys.readouterr().out
