@@ -145,6 +145,11 @@ def test_two_processes_match_one_with_the_same_global_batch(synthetic, tiny_clip
     ].reshape(12, 2, 4)
     lacking = ((emotion != -100).sum(axis=2) == 0) & ((emotion != -100).sum(axis=(1, 2)) > 0)[:, None]
     assert lacking.any()
+    # validation under two processes (gather_for_metrics) scores exactly the rows one process scores
+    histories = [json.loads((tmp_path / run / "summary.json").read_text())["validation"] for run in ("one", "two")]
+    assert len(histories[0]) == len(histories[1]) == 2
+    for one, two in zip(*histories, strict=True):
+        assert one == pytest.approx(two)
     single, double = trained(tmp_path / "one"), trained(tmp_path / "two")
     for name, value in single.items():
         torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-5)

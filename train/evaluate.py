@@ -234,6 +234,9 @@ def predict(
                 logits[task].append(out[task].cpu().numpy())
                 labels[task].append(batch_labels[task].cpu().numpy())
     model.train(was_training)
+    gathered = sum(len(chunk) for chunk in next(iter(labels.values()), []))
+    if tasks and gathered != len(dataset):  # gather_for_metrics must drop the padding of the last batch
+        raise RuntimeError(f"{desc}: gathered {gathered} predictions for {len(dataset)} rows.")
     width = {task: len(core.config.tasks[task]) for task in tasks}
     years = np.array([np.nan if y is None else y for y in dataset["age_years"]], dtype=np.float64)
     return Predictions(

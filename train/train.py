@@ -666,6 +666,7 @@ class Run:
             "untrained_heads": getattr(self, "untrained", []),
             "images_per_s": round(getattr(self, "images_per_s", 0.0), 2),
             "processes": self.accelerator.num_processes,
+            "validation": [h for h in self.history if "overall" in h],
             "parameters": model.parameter_report(),
             "best": str(self.out / "best"),
         }
