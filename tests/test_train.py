@@ -155,14 +155,16 @@ def test_two_processes_match_one_with_the_same_global_batch(synthetic, tiny_clip
         torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-5)
 
 
-def test_a_task_without_training_labels_is_reported_and_left_untrained(tiny_clip_dir, tmp_path, capsys):
+def test_a_task_without_training_labels_is_left_untrained_and_other_sizes_resized(tiny_clip_dir, tmp_path, capsys):
     make_synthetic_folder(tmp_path / "raw", rows=60, emotion_share=0.0)
-    prepare("folder", tmp_path / "raw", tmp_path / "data", image_size=32)
+    prepare("folder", tmp_path / "raw", tmp_path / "data", image_size=40)  # the model takes 32 px
     extra = {"train.max_steps": 5, "data.eval": "[]", "checkpoint.every": 0}
     config = load_config("lp", settings(tmp_path / "data", tiny_clip_dir, tmp_path / "run", **extra))
     summary = run_training(config)
     assert summary["untrained_heads"] == ["emotion"]
-    assert "no training row is labelled for ['emotion']" in capsys.readouterr().err
+    warnings = capsys.readouterr().err
+    assert "no training row is labelled for ['emotion']" in warnings
+    assert "prepared at 40 px" in warnings and "resized on the fly" in warnings
     from softbio_hf import SoftBioModel
 
     fresh, shipped = build_model(config), SoftBioModel.from_pretrained(tmp_path / "run" / "best")
