@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
-from transformers import initialization as init
-from transformers.utils import ModelOutput, is_torchvision_available
+from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available
 
 from .configuration_softbio import SoftBioConfig
 from .mtlora import (
+    MTLoRALinear,
+    TaskParameters,
     install_task_layers,
     resolve_task_ranks,
     task_block_indices,
@@ -45,6 +46,8 @@ _PARTS = (
     ("loss_weights", "loss_weights"),
 )
 SUPPORTED_BACKBONES = ("clip_vision_model",)
+# Keywords transformers passes through a model's forward to its attention layers (besides the output flags).
+_BACKBONE_KEYWORDS = frozenset(TransformersKwargs.__annotations__) - {"output_attentions", "output_hidden_states"}
 # The study's rows (DESIGN.md): zero-shot, linear probe, last-k blocks, and the adapter methods.
 METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
 ADAPTER_METHODS = ("lora", "dora", "loraplus", "mtlora")
@@ -62,12 +65,16 @@ class SoftBioOutput(ModelOutput):
     logits: task -> [batch, num_labels] scores.
     task_losses: task -> mean cross-entropy over that task's labelled rows (tasks with no label are absent).
     features: task -> [batch, dim] features fed to that task's head.
+    hidden_states: the backbone's hidden states (embeddings, then each block), with `output_hidden_states=True`.
+    attentions: the backbone's attention weights per block, with `output_attentions=True`.
     """
 
     loss: torch.Tensor | None = None
     logits: dict[str, torch.Tensor] | None = None
     task_losses: dict[str, torch.Tensor] | None = None
     features: dict[str, torch.Tensor] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class SoftBioAttentionPooling(nn.Module):
@@ -79,7 +86,7 @@ class SoftBioAttentionPooling(nn.Module):
         heads = config.pooling_heads or config.vision_config.num_attention_heads
         if hidden % heads:
             raise ValueError(f"SoftBioConfig.pooling_heads={heads} must divide the backbone width {hidden}.")
-        self.probes = nn.ParameterDict({task: nn.Parameter(torch.zeros(1, 1, hidden)) for task in config.tasks})
+        self.probes = TaskParameters({task: (1, 1, hidden) for task in config.tasks}, "normal", std=hidden**-0.5)
         self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.layernorm = nn.LayerNorm(hidden, eps=config.vision_config.layer_norm_eps)
         mlp_width = int(hidden * config.pooling_mlp_ratio)
@@ -120,12 +127,20 @@ class SoftBioLossWeights(nn.Module):
 
     def __init__(self, tasks):
         super().__init__()
-        self.log_vars = nn.ParameterDict({task: nn.Parameter(torch.zeros(())) for task in tasks})
+        self.log_vars = TaskParameters({task: () for task in tasks}, "zeros", dtype=torch.float32)
 
     def forward(self, task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
         # Only tasks present in the batch: an absent task's 0.5*s_t term would drive s_t to -inf.
         terms = [torch.exp(-self.log_vars[t]) * loss + 0.5 * self.log_vars[t] for t, loss in task_losses.items()]
         return torch.stack(terms).sum()
+
+
+def init_adapter_parameters(module: nn.Module) -> None:
+    """Task parameters and MTLoRA's shared pair, by their own rules; tensors loaded from a checkpoint are kept."""
+    if isinstance(module, TaskParameters):
+        module.reset_parameters()
+    elif isinstance(module, MTLoRALinear):
+        module.reset_shared()
 
 
 def expected_age_years(age_probs: torch.Tensor, age_years) -> torch.Tensor:
@@ -166,12 +181,19 @@ class SoftBioPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, SoftBioAttentionPooling):
-            for probe in module.probes.values():
-                init.normal_(probe, mean=0.0, std=module.layernorm.normalized_shape[0] ** -0.5)
-        elif isinstance(module, SoftBioLossWeights):
-            for log_var in module.log_vars.values():
-                init.zeros_(log_var)
+        init_adapter_parameters(module)
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """
+        As transformers does it, then the parameters CLIP's own `_init_weights` does not know: transformers hands
+        the backbone's modules (a model of its own) to CLIP's rule, which leaves MTLoRA's pairs untouched.
+        """
+        super().initialize_weights()
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None:
+            for module in backbone.modules():
+                init_adapter_parameters(module)
 
 
 class SoftBioModel(SoftBioPreTrainedModel):
@@ -244,17 +266,38 @@ class SoftBioModel(SoftBioPreTrainedModel):
             checked[task] = value
         return checked
 
-    # ---------------------------------------------------------------------------------------- forward
-    def backbone_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """All output tokens, normalised: CLIP applies post_layernorm to the CLS token only."""
-        hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
-        return self.backbone.post_layernorm(hidden)
+    def _split_keywords(self, kwargs: dict) -> tuple[dict, dict]:
+        """forward's extra keywords: labels of configured tasks, and transformers' pass-through arguments."""
+        task_labels = {k: v for k, v in kwargs.items() if k in self.config.tasks}
+        passed = {k: v for k, v in kwargs.items() if k in _BACKBONE_KEYWORDS}
+        unknown = sorted(set(kwargs) - set(task_labels) - set(passed))
+        if unknown:
+            raise TypeError(
+                f"SoftBioModel.forward() got unexpected keyword argument(s) {unknown}. Labels are passed as "
+                + ", ".join(f"{task}=" for task in self.config.tasks)
+                + " or labels={task: tensor}; the other arguments are pixel_values, output_attentions, "
+                "output_hidden_states and return_dict."
+            )
+        return task_labels, passed
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    # ---------------------------------------------------------------------------------------- forward
+    def backbone_tokens(self, pixel_values: torch.Tensor, **backbone_kwargs) -> tuple[torch.Tensor, ModelOutput]:
+        """All output tokens, normalised (CLIP applies post_layernorm to the CLS token only), and CLIP's output."""
+        output = self.backbone(pixel_values=pixel_values, **backbone_kwargs)
+        return self.backbone.post_layernorm(output.last_hidden_state), output
+
+    def encode(
+        self, pixel_values: torch.Tensor, **backbone_kwargs
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], ModelOutput | None]:
         """Backbone tokens: one tensor shared by all tasks, or per task (MTLoRA's task streams)."""
         if self.uses_task_streams:
-            return task_stream_tokens(self.backbone, pixel_values, self.config.task_names)
-        return self.backbone_tokens(pixel_values)
+            if backbone_kwargs.get("output_attentions") or backbone_kwargs.get("output_hidden_states"):
+                raise ValueError(
+                    "An MTLoRA model runs its own task streams through the encoder: output_attentions and "
+                    "output_hidden_states are not available for it."
+                )
+            return task_stream_tokens(self.backbone, pixel_values, self.config.task_names), None
+        return self.backbone_tokens(pixel_values, **backbone_kwargs)
 
     @property
     def uses_task_streams(self) -> bool:
@@ -278,13 +321,30 @@ class SoftBioModel(SoftBioPreTrainedModel):
         gender: torch.Tensor | None = None,
         emotion: torch.Tensor | None = None,
         labels: dict[str, torch.Tensor] | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **task_labels: torch.Tensor,
+        **kwargs,
     ) -> SoftBioOutput | tuple:
+        r"""
+        age, gender, emotion (`torch.LongTensor` of shape `(batch,)`, *optional*): class ids, -100 for "no label";
+            a model with other tasks takes each as a keyword of its name, or all of them as `labels={task: ids}`.
+        output_attentions / output_hidden_states: return the backbone's attentions / hidden states.
+        kwargs: labels of other configured tasks, and transformers' attention arguments for the backbone.
+        """
+        task_labels, backbone_kwargs = self._split_keywords(kwargs)
         self._check_pixel_values(pixel_values)
         targets = self._collect_labels(labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels})
-        pixel_values = pixel_values.to(self.backbone.dtype)
-        pooled = self.pool(self.encode(pixel_values))
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        tokens, backbone_output = self.encode(
+            pixel_values.to(self.backbone.dtype),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **backbone_kwargs,
+        )
+        pooled = self.pool(tokens)
 
         features: dict[str, torch.Tensor] = {}
         projected_by_input: dict[int, torch.Tensor] = {}  # "cls" pooling shares one tensor: project it once
@@ -295,7 +355,14 @@ class SoftBioModel(SoftBioPreTrainedModel):
         logits = {task: self.heads[task](features[task]) for task in self.config.tasks}
 
         loss, task_losses = self.compute_loss(logits, targets) if targets else (None, {})
-        output = SoftBioOutput(loss=loss, logits=logits, task_losses=task_losses or None, features=features)
+        output = SoftBioOutput(
+            loss=loss,
+            logits=logits,
+            task_losses=task_losses or None,
+            features=features,
+            hidden_states=getattr(backbone_output, "hidden_states", None),
+            attentions=getattr(backbone_output, "attentions", None),
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
@@ -634,7 +701,11 @@ class SoftBioModel(SoftBioPreTrainedModel):
         config = kwargs.get("config")
         if requested is None and isinstance(config, SoftBioConfig):
             requested = config.tasks
-        if requested is not None and not isinstance(config, (str, os.PathLike)):
+        if (
+            requested is not None
+            and pretrained_model_name_or_path is not None
+            and not isinstance(config, (str, os.PathLike))
+        ):
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)

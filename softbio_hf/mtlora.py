@@ -19,8 +19,65 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 TASK_SPECIFIC_LINEARS = ("self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+class TaskParameters(nn.Module):
+    """
+    One parameter per task, held by this module itself (state-dict keys `...<name>.<task>`, as an nn.ParameterDict
+    writes them). transformers 5 runs `_init_weights` on a custom-code module only when the module holds parameters
+    directly: the parent of a ParameterDict holds none and is skipped, so parameters kept that way keep whatever the
+    constructor left, or uninitialised memory after a load that lacks them. `reset_parameters` is the one rule for
+    these parameters; it uses transformers' init functions, which leave loaded tensors alone.
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        rule: str,
+        std: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if rule not in ("normal", "zeros", "kaiming_uniform"):
+            raise ValueError(f"Unknown init rule {rule!r}.")
+        self.rule, self.std = rule, std
+        for task, shape in shapes.items():
+            self.register_parameter(task, nn.Parameter(torch.zeros(shape, dtype=dtype)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for param in self._parameters.values():
+            if self.rule == "normal":
+                init.normal_(param, mean=0.0, std=self.std)
+            elif self.rule == "zeros":
+                init.zeros_(param)
+            else:  # as LoRA's A matrices (and nn.Linear's weights)
+                init.kaiming_uniform_(param, a=math.sqrt(5))
+
+    def __getitem__(self, task: str) -> nn.Parameter:
+        return self._parameters[task]
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._parameters
+
+    def __iter__(self):
+        return iter(self._parameters)
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def keys(self):
+        return self._parameters.keys()
+
+    def values(self):
+        return self._parameters.values()
+
+    def items(self):
+        return self._parameters.items()
 
 
 def task_block_indices(num_layers: int, stages: int = 4) -> list[int]:
@@ -50,9 +107,10 @@ class MTLoRALinear(nn.Linear):
         # shared_rank 0: no shared pair (the encoder's last block, whose shared stream nothing reads).
         self.shared_A = nn.Parameter(torch.empty(shared_rank, in_features)) if shared_rank else None
         self.shared_B = nn.Parameter(torch.zeros(out_features, shared_rank)) if shared_rank else None
-        self.task_A = nn.ParameterDict({t: nn.Parameter(torch.empty(task_ranks[t], in_features)) for t in tasks})
-        self.task_B = nn.ParameterDict({t: nn.Parameter(torch.zeros(out_features, task_ranks[t])) for t in tasks})
-        self.reset_low_rank()
+        # As LoRA: A random, B zero, so a new adapter starts as the identity change.
+        self.task_A = TaskParameters({t: (task_ranks[t], in_features) for t in tasks}, "kaiming_uniform")
+        self.task_B = TaskParameters({t: (out_features, task_ranks[t]) for t in tasks}, "zeros")
+        self.reset_shared()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> MTLoRALinear:
@@ -65,14 +123,11 @@ class MTLoRALinear(nn.Linear):
         return layer
 
     @torch.no_grad()
-    def reset_low_rank(self) -> None:
-        """As LoRA: A random, B zero, so a new adapter starts as the identity change."""
-        for a in [self.shared_A, *self.task_A.values()]:
-            if a is not None:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        for b in [self.shared_B, *self.task_B.values()]:
-            if b is not None:
-                b.zero_()
+    def reset_shared(self) -> None:
+        """The shared pair as LoRA's (the task pairs reset themselves); loaded tensors are left alone."""
+        if self.shared_A is not None:
+            init.kaiming_uniform_(self.shared_A, a=math.sqrt(5))
+            init.zeros_(self.shared_B)
 
     def _low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         return F.linear(F.linear(self.dropout(x), a), b) * scale

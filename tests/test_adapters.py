@@ -110,7 +110,7 @@ def test_mtlora_runs_the_backbone_once_and_pools_per_task():
     model = fresh(layers=8).apply_method("mtlora", rank=4).eval()
     calls = []
     handle = model.backbone.embeddings.register_forward_hook(lambda *a: calls.append(1))
-    tokens = model.encode(batch()[0])
+    tokens, _ = model.encode(batch()[0])
     handle.remove()
     assert calls == [1]
     assert set(tokens) == {"age", "gender", "emotion"}

@@ -133,6 +133,9 @@ def test_wrong_pixel_values_name_the_expected_shape(tiny_model, bad, message):
 
 def test_unknown_task_lists_the_known_ones(tiny_model):
     with pytest.raises(ValueError, match=r"\['race'\].*\['age', 'gender', 'emotion'\]"):
+        tiny_model(pixels(1), labels={"race": torch.tensor([1])})
+    # an unknown keyword is a TypeError, as for any Python function, naming it and the label keywords
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['race'\].*age=, gender=, emotion="):
         tiny_model(pixels(1), race=torch.tensor([1]))
 
 

@@ -151,8 +151,10 @@ def test_two_processes_match_one_with_the_same_global_batch(synthetic, tiny_clip
     for one, two in zip(*histories, strict=True):
         assert one == pytest.approx(two)
     single, double = trained(tmp_path / "one"), trained(tmp_path / "two")
-    for name, value in single.items():
-        torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-5)
+    # Reductions add in another order on two processes; Adam divides by the gradient's size, so a weight whose
+    # gradient is about zero can move by a float-noise fraction of one step (lr 2e-4): half a step is the bound.
+    differences = torch.cat([(double[name] - value).abs().flatten() for name, value in single.items()])
+    assert differences.max() < 1e-4 and differences.mean() < 1e-6, (differences.max(), differences.mean())
 
 
 def test_a_task_without_training_labels_is_left_untrained_and_other_sizes_resized(tiny_clip_dir, tmp_path, capsys):

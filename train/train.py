@@ -447,7 +447,7 @@ class Run:
             num_workers=config["data"]["num_workers"],
         )
         if train["gradient_checkpointing"]:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         if train["bf16_base"]:  # frozen weights in bf16: half the memory and no per-step cast under autocast
             for param in self.model.parameters():
                 if not param.requires_grad:
