@@ -276,6 +276,19 @@ def build_demo(pipe, model_name: str):
     return demo
 
 
+def space_model() -> str | None:
+    """On a Space, the model it serves: the first entry of `models:` in the README's YAML header."""
+    readme = Path(__file__).resolve().parent / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if not text.startswith("---\n"):
+        return None
+    import yaml
+
+    header = yaml.safe_load(text.split("---\n", 2)[1]) or {}
+    models = header.get("models") or []
+    return str(models[0]) if models else None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="softbio demo: age group, gender and emotion of every face in a photo.",
@@ -284,8 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=os.environ.get("SOFTBIO_MODEL"),
-        help="softbio checkpoint: a local folder or a Hub repo id (env SOFTBIO_MODEL). Default: zero-shot CLIP.",
+        default=os.environ.get("SOFTBIO_MODEL") or space_model(),
+        help="softbio checkpoint: a local folder or a Hub repo id (env SOFTBIO_MODEL; on a Space, the first of "
+        "`models:` in its README header). Default: zero-shot CLIP.",
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")

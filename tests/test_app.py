@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from gradio_client import Client, handle_file
 from photos import ASTRONAUT_KEYPOINTS, covers
 from PIL import Image
+from serving import running_app
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -24,54 +22,14 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("SOFTBIO_ARTIFACTS", REPO / "artifacts"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"app.py did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
     model.save_pretrained(root / "ckpt")
-    port = free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_TEMP_DIR": str(root / "gradio-tmp"),
-    }
-    log = root / "app.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), "--model", str(root / "ckpt"), "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until_up(url, process, log)
-        yield {"url": url, "root": root, "temp": root / "gradio-tmp", "log": log}
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_app(REPO / "app.py", root / "ckpt", root) as served:
+        yield served
 
 
 def test_api_analyze_returns_the_astronaut_face(app):

@@ -723,6 +723,7 @@ def open_splits(paths: Sequence[str | Path], split: str, limit: int | None = Non
 
 def write_evaluation(out: Path, report: dict[str, Any], predictions, config, temperatures=None) -> dict[str, Any]:
     """results.json, report.md and the plots for `predictions`; `report` holds model, name and split."""
+    report["tasks"] = {task: list(labels) for task, labels in config.tasks.items()}  # what the scores refer to
     report.update(build_results(predictions, config, temperatures))
     report["plots"] = write_plots(out, predictions, config, temperatures)
     (out / "results.json").write_text(json.dumps(report, indent=2))

@@ -655,6 +655,7 @@ class Run:
         return self.ship(best)
 
     def ship(self, model) -> dict[str, Any]:
+        parameters = model.parameter_report()  # before merging: the adapters count as trained
         model.merge_adapters()
         model.eval().save_pretrained(self.out / "best")
         summary = {
@@ -667,7 +668,7 @@ class Run:
             "images_per_s": round(getattr(self, "images_per_s", 0.0), 2),
             "processes": self.accelerator.num_processes,
             "validation": [h for h in self.history if "overall" in h],
-            "parameters": model.parameter_report(),
+            "parameters": parameters,
             "best": str(self.out / "best"),
         }
         summary["test"] = self.test(model)
@@ -751,9 +752,25 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
 
 
 def run_training(
-    config: dict[str, Any], resume: str | bool | None = None, on_step: Callable[[int], None] | None = None
+    config: dict[str, Any],
+    resume: str | bool | None = None,
+    on_step: Callable[[int], None] | None = None,
+    push_to_hub: str | None = None,
 ) -> dict[str, Any]:
-    """The whole run; `on_step(step)` is called after every optimizer step (progress hooks, tests)."""
+    """The whole run; `on_step(step)` is called after every optimizer step (progress hooks, tests); with
+    `push_to_hub`, best/ and its test results go to that Hub repo at the end (train.hub's push)."""
+    summary = train_and_ship(config, resume, on_step)
+    if push_to_hub and summary:
+        from train.hub import push_model
+
+        out = Path(config["output_dir"])
+        results = out / "eval" / "results.json"
+        summary["pushed"] = push_model(out / "best", push_to_hub, results=results if results.is_file() else None)
+        print(summary["pushed"])
+    return summary
+
+
+def train_and_ship(config: dict[str, Any], resume, on_step) -> dict[str, Any]:
     import torch
 
     run = Run(config, resume)
@@ -807,6 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model.backbone=PATH output_dir=runs/x",
     )
     parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="at the end, upload best/ with its model card and test results (python -m train.hub push)",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -818,11 +841,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.hub import HubError
+
     args = build_parser().parse_args(argv)
     try:
+        if args.push_to_hub and "/" not in args.push_to_hub:
+            raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: use USER/NAME.")
         config = load_config(args.config, args.overrides)
-        summary = run_training(config, args.resume)
-    except (ConfigError, TrainingError) as error:
+        summary = run_training(config, args.resume, push_to_hub=args.push_to_hub)
+    except (ConfigError, TrainingError, HubError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Interrupted as stop:
