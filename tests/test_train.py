@@ -190,6 +190,13 @@ def test_zero_shot_row_is_evaluation_only(synthetic, tiny_clip_dir, tmp_path):
         build_model(load_config("zs", ["model.pooling=attention"]))
 
 
+def test_several_runs_in_one_process_each_choose_their_precision(synthetic, tiny_clip_dir, tmp_path):
+    for name, precision in (("first", "bf16"), ("second", "no")):  # accelerate's state is process-wide
+        extra = {"train.max_steps": 2, "train.mixed_precision": precision, "eval.every": 0, "checkpoint.every": 0}
+        summary = run_training(load_config("lp", settings(synthetic, tiny_clip_dir, tmp_path / name, **extra)))
+        assert summary["steps"] == 2
+
+
 # ------------------------------------------------------------------------------------------ bad config
 @pytest.mark.parametrize(
     ("override", "message"),

@@ -382,6 +382,7 @@ class Run:
     def setup(self) -> None:
         import torch
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
         from softbio_hf.pipeline_softbio import fast_bf16_available
@@ -396,6 +397,11 @@ class Run:
             precision = "bf16" if fast_bf16_available(device) else "no"
         if train["bf16_base"] and precision != "bf16":
             raise ConfigError("train.bf16_base needs train.mixed_precision=bf16 (the frozen weights run in bf16).")
+        # One process may run several trainings (a notebook: lp, then lora). accelerate keeps its settings in a
+        # process-wide singleton that refuses a second mixed-precision choice: each run starts from a clean one
+        # (the distributed PartialState is kept).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=precision,
