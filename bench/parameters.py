@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from softbio_hf import SoftBioConfig, SoftBioModel
-
 ROWS = [
     ("ZS", "zs", {}, "cls"),
     ("LP", "lp", {}, "attention"),
@@ -24,6 +20,10 @@ ROWS = [
 
 
 def report(config_kwargs: dict | None = None) -> list[dict]:
+    import torch
+
+    from softbio_hf import SoftBioConfig, SoftBioModel
+
     rows = []
     for title, method, options, pooling in ROWS:
         with torch.device("meta"):
@@ -45,7 +45,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(
+        prog="python -m bench.parameters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     print(markdown(report()))
 
 

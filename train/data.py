@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -28,12 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from softbio_hf import AGE_LABELS, EMOTION_LABELS, GENDER_LABELS, load_image
-from softbio_hf.pipeline_softbio import ImageInputError
-
 IGNORE = -100
-TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS, "emotion": EMOTION_LABELS}
-TASKS = tuple(TASK_LABELS)
+TASKS = ("age", "gender", "emotion")  # the unified schema's label columns (DESIGN.md), canonical order
 SPLITS = ("train", "validation", "test")
 # Age labels in these datasets are model estimates: reported apart, left out of the age average (as the study).
 SYNTHETIC_AGE_DATASETS = {"vggface2"}
@@ -59,23 +56,34 @@ def age_to_bin(years: float) -> int:
     return min(8, int(years // 10) + 1)
 
 
-_AGE_STRINGS = {label: i for i, label in enumerate(AGE_LABELS)} | {"more than 70": 8, "70-130": 8}
 _GENDER_STRINGS = {"male": 0, "m": 0, "man": 0, "0": 0, "female": 1, "f": 1, "woman": 1, "1": 1}
-_EMOTION_STRINGS = {label: i for i, label in enumerate(EMOTION_LABELS)} | {
-    "happiness": 3,
-    "sadness": 4,
-    "anger": 5,
-    "surprised": 0,
-    "fearful": 1,
-    "disgusted": 2,
-}
+
+
+@functools.cache
+def task_labels() -> dict[str, tuple[str, ...]]:
+    """The canonical label names per task, from softbio_hf: imported on first use (it takes seconds), so the
+    command line answers --help at once."""
+    from softbio_hf.configuration_softbio import DEFAULT_TASKS
+
+    return {task: tuple(DEFAULT_TASKS[task]) for task in TASKS}
+
+
+@functools.cache
+def _label_strings(task: str) -> dict[str, int]:
+    """Label cell -> class id: the canonical names plus the spellings the benchmarks use."""
+    names = {label: i for i, label in enumerate(task_labels()[task])}
+    if task == "age":
+        return names | {"more than 70": 8, "70-130": 8}
+    if task == "gender":
+        return names | _GENDER_STRINGS
+    return names | {"happiness": 3, "sadness": 4, "anger": 5, "surprised": 0, "fearful": 1, "disgusted": 2}
 
 
 def parse_age(value: str) -> tuple[int, float | None]:
     """An age cell: exact years ('27', '27.5') or a bin label ('20-29', 'more than 70'). Raises ValueError."""
     text = str(value).strip().lower()
-    if text in _AGE_STRINGS:
-        return _AGE_STRINGS[text], None
+    if text in _label_strings("age"):
+        return _label_strings("age")[text], None
     years = float(text)
     if not 0 <= years <= 130:
         raise ValueError(f"age {value!r} is outside 0..130")
@@ -85,12 +93,12 @@ def parse_age(value: str) -> tuple[int, float | None]:
 def parse_label(value: str, task: str) -> int:
     """A gender or emotion cell: a name (any case) or a canonical class id. Raises ValueError."""
     text = str(value).strip().lower()
-    names = _GENDER_STRINGS if task == "gender" else _EMOTION_STRINGS
+    names = _label_strings(task)
     if text in names:
         return names[text]
-    if text.isdigit() and int(text) < len(TASK_LABELS[task]):
+    if text.isdigit() and int(text) < len(task_labels()[task]):
         return int(text)
-    raise ValueError(f"unknown {task} label {value!r}; expected one of {list(TASK_LABELS[task])}")
+    raise ValueError(f"unknown {task} label {value!r}; expected one of {list(task_labels()[task])}")
 
 
 def hashed_split(key: str, validation: float = 0.1, test: float = 0.1) -> str:
@@ -363,6 +371,8 @@ def features():
 
 def decode_and_resize(row: dict[str, Any], image_size: int) -> dict[str, Any]:
     """Decode once (EXIF, modes, bomb cap as in the pipeline), resize the shorter side, store as JPEG."""
+    from softbio_hf.pipeline_softbio import ImageInputError, load_image
+
     try:
         data = row.get("image_bytes")
         source = data if data else row["source"]
@@ -463,7 +473,7 @@ def stats(dataset, alpha: float = 0.5) -> dict[str, Any]:
     """Per task: samples, share and smoothed ('weighted') share per class; coverage per task."""
     total = len(dataset)
     tables, coverage = {}, {}
-    for task, labels in TASK_LABELS.items():
+    for task, labels in task_labels().items():
         column = np.asarray(dataset[task], dtype=np.int64)
         labelled = column[column != IGNORE]
         counts = np.bincount(labelled, minlength=len(labels))
@@ -509,7 +519,7 @@ def balanced_weights(dataset, class_alpha: float = 0.5, task_alpha: float = 0.5,
         labelled = column != IGNORE
         if not labelled.any():
             continue
-        counts = np.bincount(column[labelled], minlength=len(TASK_LABELS[task])).astype(float)
+        counts = np.bincount(column[labelled], minlength=len(task_labels()[task])).astype(float)
         per_class = np.zeros_like(counts)
         present = counts > 0
         per_class[present] = counts[present] ** (-class_alpha)

@@ -161,9 +161,9 @@ class Predictions:
 
 
 def data_tasks() -> dict[str, tuple[str, ...]]:
-    from train.data import TASK_LABELS
+    from train.data import task_labels
 
-    return TASK_LABELS
+    return task_labels()
 
 
 def evaluated_tasks(config) -> list[str]:
