@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available
 
-from .configuration_softbio import SoftBioConfig
+from .configuration_softbio import POOLING_CHOICES, SoftBioConfig
 from .mtlora import (
     MTLoRALinear,
     TaskParameters,
@@ -143,10 +144,31 @@ def init_adapter_parameters(module: nn.Module) -> None:
         module.reset_shared()
 
 
-def expected_age_years(age_probs: torch.Tensor, age_years) -> torch.Tensor:
-    """Age in years as the expectation of the bins' representative ages under the predicted probabilities."""
-    years = torch.as_tensor(age_years, dtype=age_probs.dtype, device=age_probs.device)
-    return age_probs @ years
+def age_bin_bounds(labels) -> tuple[list[float], list[float]] | None:
+    """Inclusive year range of each age label ("20-29" -> 20..29, "70+" -> 70..inf); None if one does not parse."""
+    lows, highs = [], []
+    for label in labels:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)|\+)\s*", str(label))
+        if match is None:
+            return None
+        lows.append(float(match[1]))
+        highs.append(float(match[2]) if match[2] else math.inf)
+    return lows, highs
+
+
+def expected_age_years(age_probs: torch.Tensor, age_years, labels=None) -> torch.Tensor:
+    """
+    Age in years: the expectation of the bins' representative ages under the predicted probabilities, kept
+    within the range of the predicted age group (given its labels), so the two never contradict each other:
+    a face read as "70+" with some weight on young bins is "about 70", not "about 38".
+    """
+    years = age_probs @ torch.as_tensor(age_years, dtype=age_probs.dtype, device=age_probs.device)
+    bounds = age_bin_bounds(labels) if labels is not None else None
+    if bounds is None:
+        return years
+    predicted = age_probs.argmax(dim=-1)
+    lows, highs = (torch.as_tensor(b, dtype=years.dtype, device=years.device)[predicted] for b in bounds)
+    return torch.minimum(torch.maximum(years, lows), highs)
 
 
 def image_processor_for(config: SoftBioConfig):
@@ -420,8 +442,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
         The final norm and projection train whenever any backbone block does.
         """
         if trainable_blocks is not None:
+            check_trainable_blocks(trainable_blocks, self.config.num_backbone_layers)  # before changing anything
             self.config.trainable_blocks = trainable_blocks
-            self.config._validate()
         k = self.config.trainable_blocks
         layers = self.backbone.encoder.layers
         first_trainable = 0 if k == -1 else len(layers) - k
@@ -490,16 +512,24 @@ class SoftBioModel(SoftBioPreTrainedModel):
             self.requires_grad_(False)
             self.config.adapter = {"method": "zs"}
             return self
-        if pooling is not None:
-            self._set_pooling(pooling)
+        # Every setting is checked before the model or its config changes.
+        if pooling is not None and pooling not in POOLING_CHOICES:
+            raise ValueError(f"pooling={pooling!r}; choose one of {POOLING_CHOICES}.")
         if method in ("lp", "ft"):
             blocks = 0 if method == "lp" else (last_k or 4)
+            check_trainable_blocks(blocks, self.config.num_backbone_layers)
+            if pooling is not None:
+                self._set_pooling(pooling)
             self.apply_trainable_blocks(blocks)
             self.config.adapter = {"method": method, **({"last_k": blocks} if method == "ft" else {})}
             return self
         adapter = self._adapter_settings(method, rank, alpha, dropout, target_modules, last_k, task_rank, task_scale)
         if method == "loraplus":
+            if not loraplus_ratio or loraplus_ratio <= 0:
+                raise ValueError(f"loraplus_ratio must be > 0, got {loraplus_ratio}.")
             adapter["loraplus_ratio"] = float(loraplus_ratio)
+        if pooling is not None:
+            self._set_pooling(pooling)
         self._install_adapter_layers(adapter)
         self.config.adapter = adapter
         self.config.trainable_blocks = 0
@@ -609,7 +639,13 @@ class SoftBioModel(SoftBioPreTrainedModel):
         backbone blocks, pooling + heads (`head_lr`, default lr) and loss weights. Biases, norms, probes and
         log-variances get no weight decay.
         """
-        ratio = loraplus_ratio or (self.config.adapter or {}).get("loraplus_ratio") or 1.0
+        adapter = self.config.adapter or {}
+        if loraplus_ratio is not None and adapter.get("method") != "loraplus":
+            raise ValueError(
+                f"loraplus_ratio applies to LoRA+ only; this model's method is {adapter.get('method')!r}, whose B "
+                "matrices train at the base rate. For LoRA+, apply_method('loraplus', loraplus_ratio=...)."
+            )
+        ratio = loraplus_ratio or adapter.get("loraplus_ratio") or 1.0
         rates = {"adapter_B": lr * ratio, "adapter": lr, "backbone": lr, "head": head_lr or lr, "loss_weights": lr}
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
@@ -710,6 +746,14 @@ class SoftBioModel(SoftBioPreTrainedModel):
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def check_trainable_blocks(blocks: int, num_layers: int) -> None:
+    if not (blocks == -1 or 0 <= blocks <= num_layers):
+        raise ValueError(
+            f"trainable_blocks={blocks}: use 0 (frozen backbone), 1..{num_layers} (the last k blocks) or -1 "
+            "(the whole backbone)."
+        )
 
 
 def copy_pipeline_code(save_directory: str | os.PathLike) -> None:

@@ -305,7 +305,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 probs = output[f"probs_{task}"].reshape(-1)
                 record[task] = _task_result(labels, probs.tolist(), top_k)
                 if task == "age" and config.age_years:
-                    record[task]["years"] = round(float(expected_age_years(probs, config.age_years)), 1)
+                    years = expected_age_years(probs, config.age_years, labels)
+                    record[task]["years"] = round(float(years), 1)
             records.append(record)
         return records  # largest first: detect_faces sorted them and the chunks keep their order
 

@@ -227,3 +227,21 @@ def test_readme_parameter_table_matches_the_architecture():
     rows = {row["method"]: row for row in report()}
     assert rows["ZS"]["trainable"] == 0 and 303_000_000 < rows["ZS"]["total"] < 306_000_000
     assert rows["LoRA r16"]["parts"]["adapters"] == 24 * 16 * (4 * 2 * 1024 + 2 * (1024 + 4096))
+
+
+def test_loraplus_ratio_is_refused_for_other_methods():
+    model = fresh().apply_method("lora", rank=4)
+    with pytest.raises(ValueError, match=r"loraplus_ratio applies to LoRA\+ only.*'lora'"):
+        model.optimizer_groups(lr=1e-4, loraplus_ratio=16)
+
+
+def test_failed_methods_leave_the_model_and_its_config_as_they_were():
+    model = fresh(layers=2, pooling="cls")
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="trainable_blocks=4"):
+        model.apply_trainable_blocks(4)  # this backbone has 2 blocks
+    with pytest.raises(ValueError, match="rank must be > 0"):
+        model.apply_method("lora", rank=0)
+    with pytest.raises(ValueError, match="trainable_blocks=3"):
+        model.apply_method("ft", last_k=3)
+    assert model.config.to_dict() == before and model.pooling is None  # pooling not switched half-way

@@ -268,3 +268,18 @@ def test_checkpoint_with_other_labels_is_a_clear_error(tiny_model, tmp_path):
         AutoModel.from_pretrained(tmp_path, tasks={"emotion": tiny_model.config.tasks["emotion"]})
     same = SoftBioModel.from_pretrained(tmp_path, tasks=tiny_model.config.tasks)
     assert same.config.tasks == tiny_model.config.tasks
+
+
+def test_years_stay_within_the_predicted_age_group():
+    from softbio_hf.modeling_softbio import expected_age_years
+
+    labels = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+    years = [1.0, 6.0, 14.5, 24.5, 34.5, 44.5, 54.5, 64.5, 77.0]
+    bimodal = torch.tensor([[0.35, 0, 0, 0.25, 0, 0, 0, 0, 0.40]])  # "70+" on top, much weight on the young
+    assert float((bimodal @ torch.tensor(years))[0]) < 40  # the plain expectation contradicts "70+"
+    assert float(expected_age_years(bimodal, years, labels)[0]) == pytest.approx(70.0)
+    skewed = torch.tensor([0.0, 0, 0, 0.5, 0, 0, 0, 0, 0.5 - 1e-3]) + 1e-4  # "20-29" by a hair
+    assert 20 <= float(expected_age_years(skewed, years, labels)) <= 29
+    peaked = torch.tensor([0, 0, 0, 0.1, 0.8, 0.1, 0, 0, 0])
+    assert float(expected_age_years(peaked, years, labels)) == pytest.approx(34.5)  # inside: untouched
+    assert float(expected_age_years(bimodal, years, ["baby"] + labels[1:])[0]) < 40  # unparsed labels: plain

@@ -103,10 +103,16 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def task_metrics(
-    task: str, logits: np.ndarray, labels: np.ndarray, age_years: np.ndarray | None = None, bin_years=None
+    task: str,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    age_years: np.ndarray | None = None,
+    bin_years=None,
+    bin_labels=None,
 ) -> dict[str, Any] | None:
     """Metrics over the rows labelled for `task` (None when there are none): see classification_metrics;
-    age adds one-bin-off accuracy and, where rows carry exact ages, the MAE of the expected years."""
+    age adds one-bin-off accuracy and, where rows carry exact ages, the MAE of the years the pipeline reports
+    (`expected_age_years`, given the bins' representative ages and labels)."""
     labelled = labels != IGNORE
     if not labelled.any():
         return None
@@ -120,7 +126,11 @@ def task_metrics(
             exact = age_years[labelled]
             known = ~np.isnan(exact)
             if known.any():
-                expected = probs[known] @ np.asarray(bin_years, dtype=np.float64)
+                import torch
+
+                from softbio_hf.modeling_softbio import expected_age_years
+
+                expected = expected_age_years(torch.from_numpy(probs[known]), bin_years, bin_labels).numpy()
                 metrics["mae_years"] = float(np.abs(expected - exact[known]).mean())
     metrics["ece"] = expected_calibration_error(probs, labels)
     metrics["nll"] = negative_log_likelihood(logits, labels)
@@ -254,7 +264,7 @@ def dataset_results(predictions: Predictions, config) -> tuple[dict[str, Any], d
     gender = predictions.labels.get("gender")
     for task, logits in predictions.logits.items():
         labels = predictions.labels[task]
-        metrics = task_metrics(task, logits, labels, predictions.age_years, config.age_years)
+        metrics = task_metrics(task, logits, labels, predictions.age_years, config.age_years, config.tasks[task])
         if metrics is None:
             notes.append(f"{task}: no labelled rows, left out")
             continue
