@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -36,6 +38,12 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def _task_rank(task: str) -> tuple[int, str]:
     canonical = list(DEFAULT_TASKS)
     return (canonical.index(task), "") if task in canonical else (len(canonical), task)
+
+
+def pipeline_registered_here() -> bool:
+    """Whether this process has our pipeline registered (softbio_hf imported, not running as remote code)."""
+    pipelines = sys.modules.get("transformers.pipelines")  # registering needs it: not imported, not registered
+    return pipelines is not None and PIPELINE_TASK in pipelines.PIPELINE_REGISTRY.get_supported_tasks()
 
 
 PIPELINE_TASK = "soft-biometrics"
@@ -126,10 +134,20 @@ class SoftBioConfig(PreTrainedConfig):
             self.image_mean = list(OPENAI_CLIP_MEAN)
         if self.image_std is None:
             self.image_std = list(OPENAI_CLIP_STD)
-        if not getattr(self, "custom_pipelines", None):
-            # Every checkpoint is pipeline-ready: pipeline(model=dir_or_repo, trust_remote_code=True).
+        # custom_pipelines points transformers at the pipeline's code in a checkpoint: what remote-code users need.
+        # With softbio_hf imported, its registered pipeline serves the task; left on the instance, the entry would
+        # make transformers demand trust_remote_code for that same code. to_dict() always writes it.
+        if pipeline_registered_here():
+            self.__dict__.pop("custom_pipelines", None)
+        elif not getattr(self, "custom_pipelines", None):
             self.custom_pipelines = {PIPELINE_TASK: dict(PIPELINE_SPEC)}
         self._validate()
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Every checkpoint is pipeline-ready: pipeline(model=dir_or_repo, trust_remote_code=True).
+        output["custom_pipelines"] = {**(output.get("custom_pipelines") or {}), PIPELINE_TASK: dict(PIPELINE_SPEC)}
+        return output
 
     def _validate(self) -> None:
         if not self.tasks:

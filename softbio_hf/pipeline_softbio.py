@@ -228,6 +228,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         }
         if margin is not None and not 0 <= margin <= 2:
             raise ValueError(f"margin={margin}: use a fraction of the face size between 0 and 2 (default 0.25).")
+        if kwargs:
+            raise TypeError(unknown_options_message(kwargs))
         postprocess = {"top_k": top_k} if top_k is not None else {}
         return preprocess, {}, postprocess
 
@@ -309,6 +311,31 @@ class SoftBiometricsPipeline(ChunkPipeline):
                     record[task]["years"] = round(float(years), 1)
             records.append(record)
         return records  # largest first: detect_faces sorted them and the chunks keep their order
+
+
+CALL_OPTIONS = (
+    "detector",
+    "threshold",
+    "margin",
+    "max_faces",
+    "min_face_size",
+    "detection_max_side",
+    "top_k",
+    "timeout",
+    "batch_size",
+    "num_workers",
+)
+
+
+def unknown_options_message(options: dict) -> str:
+    """A misspelt option must not be ignored: name it and the closest valid one."""
+    import difflib
+
+    hints = []
+    for name in sorted(options):
+        close = difflib.get_close_matches(name, CALL_OPTIONS, n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown soft-biometrics option(s): {', '.join(hints)}. Valid options: {', '.join(CALL_OPTIONS)}."
 
 
 def _task_result(labels: list[str], probs: list[float], top_k: int | None) -> dict[str, Any]:

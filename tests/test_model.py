@@ -282,4 +282,4 @@ def test_years_stay_within_the_predicted_age_group():
     assert 20 <= float(expected_age_years(skewed, years, labels)) <= 29
     peaked = torch.tensor([0, 0, 0, 0.1, 0.8, 0.1, 0, 0, 0])
     assert float(expected_age_years(peaked, years, labels)) == pytest.approx(34.5)  # inside: untouched
-    assert float(expected_age_years(bimodal, years, ["baby"] + labels[1:])[0]) < 40  # unparsed labels: plain
+    assert float(expected_age_years(bimodal, years, ["baby", *labels[1:]])[0]) < 40  # unparsed labels: plain
