@@ -1,7 +1,7 @@
 """softbio demo: age group, gender and emotion of every face in a photo (Gradio; runs as a Hugging Face Space).
 
 python app.py                       # zero-shot model from CLIP ViT-L/14@336, built once and cached
-python app.py --model DIR_OR_REPO   # a trained softbio checkpoint (or set SOFTBIO_MODEL)
+python app.py --model DIR_OR_REPO   # a softbio checkpoint, or a CLIP one (its zero-shot model); or SOFTBIO_MODEL
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import base64
 import hashlib
 import html
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,32 +57,71 @@ def zero_shot_cache_dir(clip_id: str) -> Path:
     return cache_root() / ("zero-shot--" + clip_id.replace("/", "--"))
 
 
+def checkpoint_type(name: str) -> str | None:
+    """model_type of a local folder or Hub repo, from its config.json: cached copy first, the Hub only if it answers."""
+    from huggingface_hub import hf_hub_download
+
+    from softbio_hf.faces import hub_reachable
+
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        if Path(name).exists():
+            return None
+        try:
+            path = Path(hf_hub_download(name, "config.json", local_files_only=not hub_reachable()))
+        except Exception:  # not cached and unreachable, or no such repo
+            return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(name: str | None):
-    """A SoftBioModel and a description of it: the named checkpoint, or the cached zero-shot default."""
+    """A SoftBioModel and a description of it: a softbio checkpoint, or the zero-shot model of a CLIP one."""
     from softbio_hf import SoftBioModel
 
-    if name:
-        try:
-            return SoftBioModel.from_pretrained(name), name
-        except (OSError, ValueError) as error:
-            raise ModelUnavailable(
-                f"Could not load the softbio checkpoint {name!r}: {error}\n"
-                "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
-            ) from error
-    cached = zero_shot_cache_dir(DEFAULT_CLIP)
-    if (cached / "config.json").is_file():
-        return SoftBioModel.from_pretrained(cached), f"zero-shot {DEFAULT_CLIP} (cached at {cached})"
-    try:
-        model = SoftBioModel.from_clip(DEFAULT_CLIP)
-    except OSError as error:
+    if not name:
+        return zero_shot(DEFAULT_CLIP)
+    kind = checkpoint_type(name)
+    if kind == "clip":
+        return zero_shot(name)
+    if kind != "softbio":
+        found = f"a {kind!r} checkpoint" if kind else "no readable config.json (not cached, or the Hub is out of reach)"
         raise ModelUnavailable(
-            f"The default model is built from {DEFAULT_CLIP} on the Hugging Face Hub, which could not be reached "
-            f"and is not cached ({type(error).__name__}).\n"
-            "Connect once to build and cache it, or pass a trained checkpoint: "
-            "python app.py --model DIR_OR_REPO (or set SOFTBIO_MODEL)."
+            f"--model {name}: {found}. Pass a softbio checkpoint (a folder written by save_pretrained or "
+            "python -m train.train, or its Hub id) or a CLIP checkpoint, which becomes the zero-shot model."
+        )
+    try:
+        return SoftBioModel.from_pretrained(name), name
+    except (OSError, ValueError) as error:
+        raise ModelUnavailable(
+            f"Could not load the softbio checkpoint {name!r}: {error}\n"
+            "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
         ) from error
+
+
+def zero_shot(clip: str):
+    """The zero-shot model of a CLIP checkpoint (folder or Hub id), built once and cached under SOFTBIO_CACHE."""
+    from softbio_hf import SoftBioModel
+    from softbio_hf.faces import hub_reachable
+
+    cached = zero_shot_cache_dir(clip)
+    if (cached / "config.json").is_file():
+        return SoftBioModel.from_pretrained(cached), f"zero-shot {clip} (cached at {cached})"
+    if not Path(clip).is_dir() and not hub_reachable():
+        raise ModelUnavailable(
+            f"The zero-shot model is built from {clip} on the Hugging Face Hub, which is out of reach, and it is not "
+            f"cached yet.\nConnect once to build and cache it, or pass a model you have on disk: "
+            "python app.py --model DIR (a softbio checkpoint, or a CLIP folder such as a saved "
+            "openai/clip-vit-large-patch14-336), or set SOFTBIO_MODEL."
+        )
+    try:
+        model = SoftBioModel.from_clip(clip)
+    except OSError as error:
+        raise ModelUnavailable(f"Could not build the zero-shot model from {clip}: {error}") from error
     model.save_pretrained(cached)  # later starts load only the vision tower from here
-    return model, f"zero-shot {DEFAULT_CLIP}"
+    return model, f"zero-shot {clip}"
 
 
 def build_pipeline(model):
@@ -267,10 +307,10 @@ def build_demo(pipe, model_name: str):
             api_visibility="private",
         )
         # The API endpoint: a file in, the pipeline's JSON out (gradio_client: api_name="/analyze").
-        api_file = gr.File(visible=False, type="filepath")
-        api_detector = gr.Textbox(visible=False, value="auto")
-        api_threshold = gr.Number(visible=False, value=0.0)
-        api_out = gr.JSON(visible=False)
+        api_file = gr.File(visible=False, type="filepath", label="image")
+        api_detector = gr.Textbox(visible=False, value="auto", label="detector")
+        api_threshold = gr.Number(visible=False, value=0.0, label="threshold")
+        api_out = gr.JSON(visible=False, label="faces")
         api_trigger = gr.Button(visible=False)
         api_trigger.click(analyze_api, [api_file, api_detector, api_threshold], api_out, api_name="analyze")
     return demo
@@ -298,8 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default=os.environ.get("SOFTBIO_MODEL") or space_model(),
-        help="softbio checkpoint: a local folder or a Hub repo id (env SOFTBIO_MODEL; on a Space, the first of "
-        "`models:` in its README header). Default: zero-shot CLIP.",
+        help="a softbio checkpoint, or a CLIP checkpoint (becomes the zero-shot model, built once and cached): a "
+        "local folder or a Hub repo id (env SOFTBIO_MODEL; on a Space, the first of `models:` in its README "
+        "header). Default: zero-shot openai/clip-vit-large-patch14-336.",
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
@@ -316,7 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo = build_demo(build_pipeline(model), name)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+    except OSError as error:  # gradio's own advice is to change launch(): here it is an option
+        print(
+            f"softbio: could not serve on {args.host}:{args.port} ({error}). Pass another port with --port, "
+            "e.g. --port 7861.",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -7,9 +7,11 @@ wheels: no download, the offline fallback), "none" (the whole image is one face)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -126,11 +128,33 @@ class WholeImageDetector:
         return [Face((0.0, 0.0, float(width), float(height)), 1.0)]
 
 
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """
+    Whether the Hub answers at all: one TCP connection, asked once per process. huggingface_hub retries a dead
+    network for tens of seconds; a quick "no" lets callers fall back or say what to pass instead.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+@functools.cache
 def yunet_model_path(local_path: str | None = None, download_timeout_s: float = 15.0) -> str | None:
     """
-    A local YuNet file: the given path, else the Hub copy from the cache, else downloaded once (waiting at most
-    `download_timeout_s`, so an offline machine falls back quickly instead of retrying for half a minute).
-    None when none of these works.
+    A local YuNet file: the given path, else the Hub copy from the cache, else downloaded once when the Hub is
+    reachable (waiting at most `download_timeout_s`). None when none of these works; the answer is remembered
+    for the process, so an offline machine pays for the question once.
     """
     if local_path:
         return local_path
@@ -140,7 +164,7 @@ def yunet_model_path(local_path: str | None = None, download_timeout_s: float = 
         return hf_hub_download(YUNET_REPO, YUNET_FILE, local_files_only=True)
     except Exception:  # not cached yet
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if not hub_reachable():
         return None
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(hf_hub_download, YUNET_REPO, YUNET_FILE)

@@ -153,3 +153,67 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.wait_for_selector("text=truncated or corrupt", timeout=60_000)
         finally:
             browser.close()
+
+
+def import_app():
+    sys.path.insert(0, str(REPO))
+    import app as app_module
+
+    return app_module
+
+
+def test_a_clip_checkpoint_becomes_the_zero_shot_model_built_once(tiny_clip_dir, tmp_path, monkeypatch):
+    app_module = import_app()
+    monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
+    model, name = app_module.load_model(str(tiny_clip_dir))
+    assert name == f"zero-shot {tiny_clip_dir}" and model.config.zero_shot_source == str(tiny_clip_dir)
+    monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
+    _, name = app_module.load_model(str(tiny_clip_dir))
+    assert "cached" in name
+
+
+def test_a_checkpoint_of_another_kind_is_refused_with_the_reason(tmp_path):
+    app_module = import_app()
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(app_module.ModelUnavailable, match=r"a 'bert' checkpoint.*softbio checkpoint.*CLIP"):
+        app_module.load_model(str(tmp_path / "bert"))
+
+
+def test_an_unreachable_hub_fails_at_once_and_says_what_to_pass(tmp_path):
+    # Not the offline switch: a Hub address where nothing answers, as on a machine without network.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "SOFTBIO_CACHE": str(tmp_path / "empty"),
+        "SOFTBIO_MODEL": "",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "out of reach" in result.stderr and "--model DIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_busy_port_says_to_use_another_one(app, tmp_path):
+    port = app["url"].rsplit(":", 1)[1].strip("/")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--model", str(app["root"] / "ckpt"), "--port", port],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "--port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_api_names_its_inputs_and_output(app):
+    api = Client(app["url"], verbose=False).view_api(return_format="dict", print_info=False)
+    endpoint = api["named_endpoints"]["/analyze"]
+    assert [p["label"] for p in endpoint["parameters"]] == ["image", "detector", "threshold"]
+    assert [r["label"] for r in endpoint["returns"]] == ["faces"]
