@@ -41,7 +41,9 @@ def _task_rank(task: str) -> tuple[int, str]:
 
 
 def pipeline_registered_here() -> bool:
-    """Whether this process has our pipeline registered (softbio_hf imported, not running as remote code)."""
+    """Whether this is softbio_hf's own config class (not a remote-code copy of it) with its pipeline registered."""
+    if __name__.startswith("transformers_modules"):  # the remote copy: the checkpoint's entry is its way in
+        return False
     pipelines = sys.modules.get("transformers.pipelines")  # registering needs it: not imported, not registered
     return pipelines is not None and PIPELINE_TASK in pipelines.PIPELINE_REGISTRY.get_supported_tasks()
 

@@ -1,0 +1,39 @@
+"""Every Python block of README.md runs as written, on a tiny offline CLIP (only the model name is substituted)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from remote import run_isolated
+
+REPO = Path(__file__).resolve().parents[1]
+BIG_CLIP = "openai/clip-vit-large-patch14-336"
+WITHOUT_SOFTBIO = "# Without softbio installed"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+
+
+def test_readme_python_blocks_run_in_order(tiny_clip_dir, tmp_path, monkeypatch):
+    blocks = python_blocks()
+    assert len(blocks) >= 5
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(REPO / "examples")  # the blocks use the repository's example photos
+    namespace: dict = {"__name__": "readme"}
+    isolated = 0
+    for number, block in enumerate(blocks, start=1):
+        source = block.replace(BIG_CLIP, str(tiny_clip_dir))
+        if block.startswith(WITHOUT_SOFTBIO):  # as its users run it: a fresh process where softbio cannot import
+            stdout = run_isolated(
+                tmp_path, 'import sys\nsys.modules["softbio_hf"] = None\n' + source + "\nprint(faces)"
+            )
+            assert "'emotion'" in stdout
+            isolated += 1
+            continue
+        exec(compile(source, f"README.md python block {number}", "exec"), namespace)  # a failure names the block
+    assert isolated == 1
+    assert namespace["faces"] and "age" in namespace["faces"][0]  # the pipeline block found the astronaut
+    assert set(namespace["out"].logits) == {"age", "gender", "emotion"}
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # the methods block shipped a checkpoint
