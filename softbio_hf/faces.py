@@ -213,7 +213,9 @@ def detect_faces(
     small = (
         rgb
         if scale == 1.0
-        else cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        else cv2.resize(  # a very long, thin image keeps at least one pixel each way
+            rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+        )
     )
     faces = [f.scaled(1.0 / scale) for f in detector(small, max(1, round(min_face_size * scale)))]
     faces = [f for f in faces if f.score >= score_threshold]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ class ImageInputError(ValueError):
 
 def describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return repr(str(source))
+        text = str(source)
+        return repr(text if len(text) <= 200 else f"{text[:120]}...{text[-60:]}")  # an error stays readable
     if isinstance(source, (bytes, bytearray)):
         return f"bytes ({len(source)} bytes)"
     if isinstance(source, np.ndarray):
@@ -41,12 +44,21 @@ def describe(source: Any) -> str:
 
 
 def _download(url: str, timeout: float, name: str) -> bytes:
+    """The URL's bytes within `timeout` seconds in all (a socket timeout alone bounds each read, not the whole)."""
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "softbio"})
+    chunks, size = [], 0
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageInputError(f"{name} is larger than {MAX_DOWNLOAD_BYTES:,} bytes; download and downscale it first.")
-    return data
+        while chunk := response.read1(64 * 1024):  # whatever has arrived: the deadline is checked between
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_DOWNLOAD_BYTES:
+                raise ImageInputError(
+                    f"{name} is larger than {MAX_DOWNLOAD_BYTES:,} bytes; download and downscale it first."
+                )
+            if time.monotonic() > deadline:
+                raise ImageInputError(f"Could not download {name} within {timeout:g}s; pass a larger timeout.")
+    return b"".join(chunks)
 
 
 def _open(source: Any, timeout: float, name: str) -> Image.Image:
@@ -64,7 +76,11 @@ def _open(source: Any, timeout: float, name: str) -> Image.Image:
             raise ImageInputError(f"Could not download {name} within {timeout:g}s: {error}.") from error
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as error:  # e.g. a name too long for the file system
+            raise ImageInputError(f"{name} is not a usable path on this system ({error.strerror}).") from error
+        if not is_file:
             raise ImageInputError(f"{name}: no such image file; check the path.")
         return Image.open(path)
     raise ImageInputError(
@@ -81,11 +97,19 @@ def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
         )
 
 
+def _check_array(array: np.ndarray, name: str, max_pixels: int) -> None:
+    shape = array.shape
+    channels_ok = array.ndim == 2 or (array.ndim == 3 and shape[2] in (1, 3, 4))
+    if not channels_ok or min(shape[:2], default=0) < 1:
+        raise ImageInputError(f"{name} is not an image: expected H x W, H x W x 3 (RGB) or H x W x 4 (RGBA).")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ImageInputError(f"{name} is not an image: its values are {array.dtype}, not numbers.")
+    _check_pixels(shape[1], shape[0], name, max_pixels)
+
+
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or min(array.shape[:2]) < 1:
-        raise ImageInputError(f"{name} is not an image: expected H x W, H x W x 3 (RGB) or H x W x 4 (RGBA).")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
@@ -129,13 +153,38 @@ def load_image(
     """
     name = name or describe(source)
     if isinstance(source, np.ndarray):
-        _check_pixels(source.shape[1] if source.ndim > 1 else 1, source.shape[0], name, max_pixels)
+        _check_array(source, name, max_pixels)
         return _array_to_rgb(source, name)
-    try:
+    with _image_errors(name):
         image = _open(source, timeout, name)
         _check_pixels(image.width, image.height, name, max_pixels)  # before decoding a single pixel
         image = ImageOps.exif_transpose(image)  # decodes
         return _pil_to_rgb(image)
+
+
+def check_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> None:
+    """
+    What `load_image` checks that costs no decoding: the kind of input, that a file exists, its header and its
+    size. URLs are checked when they are fetched. Raises the same `ImageInputError`s.
+    """
+    name = name or describe(source)
+    if isinstance(source, np.ndarray):
+        _check_array(source, name, max_pixels)
+        return
+    if isinstance(source, Image.Image):  # the caller's image: checked, never closed
+        _check_pixels(source.width, source.height, name, max_pixels)
+        return
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return
+    with _image_errors(name), _open(source, 0, name) as image:  # reads the header only
+        _check_pixels(image.width, image.height, name, max_pixels)
+
+
+@contextlib.contextmanager
+def _image_errors(name: str):
+    """PIL's and the OS's errors for an input, as ImageInputErrors that name it and say what to do."""
+    try:
+        yield
     except ImageInputError:
         raise
     except Image.DecompressionBombError as error:
@@ -226,8 +275,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
             }.items()
             if value is not None
         }
-        if margin is not None and not 0 <= margin <= 2:
-            raise ValueError(f"margin={margin}: use a fraction of the face size between 0 and 2 (default 0.25).")
+        check_options(threshold, margin, max_faces, min_face_size, detection_max_side, top_k, timeout)
         if kwargs:
             raise TypeError(unknown_options_message(kwargs))
         postprocess = {"top_k": top_k} if top_k is not None else {}
@@ -235,19 +283,24 @@ class SoftBiometricsPipeline(ChunkPipeline):
 
     def __call__(self, inputs, **kwargs):
         """
-        Validate every input of a list before any model work, so one bad image is named up front. A generator
-        or a dataset streams instead: each image is loaded (and checked) as it comes.
+        Check every input of a list before any model work (kind, existence, header, size: nothing is decoded), so
+        one bad image is named up front; each image is decoded when its turn comes, so a long list streams. A
+        generator or a dataset streams too: each image is loaded (and checked) as it comes.
         """
-        timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT_S
         single = isinstance(inputs, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image, dict))
-        if not single and not isinstance(inputs, (list, tuple)) and hasattr(inputs, "__iter__"):
-            return super().__call__(inputs, **kwargs)
+        if not single and not isinstance(inputs, (list, tuple)):
+            if hasattr(inputs, "__iter__"):
+                return super().__call__(inputs, **kwargs)
+            raise ImageInputError(
+                f"{describe(inputs)} is not a supported input. Pass an image (file path, http(s) URL, PIL image, "
+                "numpy array or bytes), a list of them, or a generator or dataset of them."
+            )
         items = [inputs] if single else list(inputs)
-        loaded = []
-        for index, item in enumerate(items):
-            name = describe(item) if single else f"input {index} ({describe(item)})"
-            loaded.append(load_image(item, timeout=timeout, name=name))
-        results = super().__call__(loaded, **kwargs)
+        for index, item in enumerate(items):  # cheap: nothing decoded, so a long list costs no memory up front
+            check_image(item, name=describe(item) if single else f"input {index} ({describe(item)})")
+        if not items:
+            return []
+        results = super().__call__(items, **kwargs)
         return results[0] if single else results
 
     def detector(self, name: str):
@@ -267,7 +320,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         timeout: float = DEFAULT_TIMEOUT_S,
     ):
         is_rgb = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-        rgb = image if is_rgb else load_image(image, timeout=timeout)  # lists arrive loaded; streams load here
+        rgb = image if is_rgb else load_image(image, timeout=timeout)
         face_detector = self.detector(detector)
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[face_detector.name]
@@ -311,6 +364,26 @@ class SoftBiometricsPipeline(ChunkPipeline):
                     record[task]["years"] = round(float(years), 1)
             records.append(record)
         return records  # largest first: detect_faces sorted them and the chunks keep their order
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def check_options(threshold, margin, max_faces, min_face_size, detection_max_side, top_k, timeout) -> None:
+    """Call options are checked before any work: a wrong one is named with what it takes."""
+    rules = (
+        ("threshold", threshold, lambda v: _is_number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+        ("margin", margin, lambda v: _is_number(v) and 0 <= v <= 2, "a fraction of the face size between 0 and 2"),
+        ("max_faces", max_faces, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1 (or None for all)"),
+        ("min_face_size", min_face_size, lambda v: _is_number(v) and v >= 1, "a size in pixels >= 1"),
+        ("detection_max_side", detection_max_side, lambda v: isinstance(v, int) and v >= 32, "pixels, >= 32"),
+        ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+        ("timeout", timeout, lambda v: _is_number(v) and v > 0, "seconds, > 0"),
+    )
+    for option, value, valid, allowed in rules:
+        if value is not None and not valid(value):
+            raise ValueError(f"{option}={value!r}: use {allowed}.")
 
 
 CALL_OPTIONS = (

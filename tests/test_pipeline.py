@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import io
 import logging
 import textwrap
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -25,6 +21,7 @@ from photos import (
 )
 from PIL import Image
 from remote import run_isolated
+from serving import serving
 from transformers import pipeline
 
 from softbio_hf import SoftBiometricsPipeline, SoftBioModel, load_image
@@ -181,30 +178,6 @@ def test_exif_orientation_is_applied(pipe):
     assert np.abs(upright.astype(int) - astronaut().astype(int)).mean() < 8
     faces = pipe(jpeg_bytes(np.ascontiguousarray(rotated), exif=exif), detector="haar")
     assert len(faces) == 1 and covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
-
-
-@contextlib.contextmanager
-def serving(body: bytes, slow_path: str | None = None):
-    """A loopback HTTP server that answers every GET with `body` (after 2 s on `slow_path`)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == slow_path:
-                time.sleep(2)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
 
 
 def test_urls_are_fetched_with_a_timeout(pipe):
