@@ -1,0 +1,465 @@
+"""Batch analysis: photos in, one table row per face out. Streams, resumes, and splits across processes.
+
+    python -m softbio_hf.predict photos/ more.jpg urls.txt --model runs/lora/best --out faces.csv
+    python -m softbio_hf.predict data/fairface --model you/softbio-lora --out faces.parquet --probabilities
+    torchrun --nproc_per_node 4 -m softbio_hf.predict photos/ --model M --out faces.jsonl  # or accelerate launch
+
+INPUT is image files, folders (searched recursively for images), text files listing paths or URLs (one a
+line), or folders written by `datasets` (`save_to_disk`, e.g. by python -m train.data prepare). Each face gets
+a row: source, face index, box, detection score, each task's label and score, age in years (and with
+--probabilities every class's probability). A photo without a face, or one that cannot be read, gets one row
+saying so; the run goes on. Rows are kept in OUT.parts/ (JSON Lines, one block per photo) while the run goes,
+so an interrupted run continues with --resume; at the end they are merged, in input order, into OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FORMATS = (".csv", ".jsonl", ".parquet")
+STATUS_OK, STATUS_NO_FACE = "ok", "no face"
+
+
+class PredictError(ValueError):
+    """A user error (bad option, output exists, unknown format): reported without a traceback, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: `key` names it in the output; `ref` is what loads it."""
+
+    index: int
+    key: str
+    ref: Any  # a path or URL string, or (dataset folder, split, row)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file()
+
+
+def expand_inputs(inputs: Sequence[str], limit: int | None = None) -> list[Source]:
+    """Every image the inputs name, in a fixed order (the same on every process)."""
+    refs: list[tuple[str, Any]] = []
+    for item in inputs:
+        path = Path(item)
+        if item.startswith(("http://", "https://")):
+            refs.append((item, item))
+        elif path.is_dir() and is_saved_dataset(path):
+            refs.extend(dataset_refs(path))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            refs.extend((str(p), str(p)) for p in files)
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            refs.extend(list_refs(path))
+        else:  # an image, or a name that is not there: its row will say so
+            refs.append((item, item))
+        if limit is not None and len(refs) >= limit:
+            break
+    refs = refs[:limit] if limit is not None else refs
+    return [Source(index, key, ref) for index, (key, ref) in enumerate(refs)]
+
+
+def list_refs(listing: Path) -> list[tuple[str, str]]:
+    """A text file of paths (relative ones against the list's folder) or URLs; blank lines and # comments skipped."""
+    refs = []
+    for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith(("http://", "https://")) or Path(entry).is_absolute():
+            refs.append((entry, entry))
+        else:
+            refs.append((entry, str(listing.parent / entry)))
+    return refs
+
+
+def dataset_refs(folder: Path) -> list[tuple[str, Any]]:
+    from datasets import Dataset, load_from_disk
+
+    loaded = load_from_disk(str(folder))
+    splits = {"": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+    refs = []
+    for split, part in splits.items():
+        if "image" not in part.column_names:
+            raise PredictError(f"{folder} holds a dataset without an 'image' column ({part.column_names}).")
+        name = f"{folder}:{split}" if split else str(folder)
+        refs.extend((f"{name}/{row}", (str(folder), split, row)) for row in range(len(part)))
+    return refs
+
+
+# -------------------------------------------------------------------------------------------- the work
+class FaceStream(torch.utils.data.IterableDataset):
+    """
+    Photos -> their face crops, ready for the model: decoding and detection, in DataLoader worker processes
+    ahead of the model. Yields one item per photo: its faces' inputs, or the reason it has none.
+    """
+
+    def __init__(self, pipe, sources: Sequence[Source], options: dict[str, Any]):
+        self.pipe, self.sources, self.options = pipe, list(sources), options
+        self._datasets: dict[tuple[str, str], Any] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        mine = self.sources if worker is None else self.sources[worker.id :: worker.num_workers]
+        for source in mine:
+            yield self.faces_of(source)
+
+    def load(self, source: Source):
+        from .pipeline_softbio import load_image
+
+        if isinstance(source.ref, tuple):
+            folder, split, row = source.ref
+            if (folder, split) not in self._datasets:
+                from datasets import load_from_disk
+
+                loaded = load_from_disk(folder)
+                self._datasets[(folder, split)] = loaded[split] if split else loaded
+            return load_image(self._datasets[(folder, split)][row]["image"], name=repr(source.key))
+        return load_image(source.ref, name=repr(source.key), timeout=self.options.get("timeout", 10.0))
+
+    def faces_of(self, source: Source) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": source.index, "key": source.key}
+        try:
+            rgb = self.load(source)
+            chunks = list(self.pipe.preprocess(rgb, **self.options))
+        except (ValueError, OSError) as error:  # ImageInputError and the rest: a row says why, the run goes on
+            return {**item, "error": str(error)}
+        faces = [chunk for chunk in chunks if chunk["face"] is not None]
+        return {**item, "chunks": faces}
+
+
+def worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the model's process keeps the cores; workers decode and detect
+
+
+def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabilities: bool) -> list[dict]:
+    """Output rows of one photo: one per face, or one that says why there is none."""
+    base = {"index": item["index"], "source": item["key"]}
+    if "error" in item:
+        return [{**base, "face": -1, "faces": 0, "status": f"error: {item['error']}"}]
+    if not records:
+        return [{**base, "face": -1, "faces": 0, "status": STATUS_NO_FACE}]
+    rows = []
+    for number, record in enumerate(records):
+        box = record["box"]
+        row = {**base, "face": number, "faces": len(records), "status": STATUS_OK, **box}
+        row["detection_score"] = record["detection_score"]
+        for task in tasks:
+            row[f"{task}_label"] = record[task]["label"]
+            row[f"{task}_score"] = record[task]["score"]
+            if probabilities:
+                row.update({f"{task}_prob_{label}": p for label, p in record[task]["scores"].items()})
+        if "years" in record.get("age", {}):
+            row["age_years"] = record["age"]["years"]
+        rows.append(row)
+    return rows
+
+
+def columns(tasks: dict[str, list[str]], probabilities: bool) -> list[str]:
+    names = ["index", "source", "face", "faces", "status", "xmin", "ymin", "xmax", "ymax", "detection_score"]
+    for task, labels in tasks.items():
+        names += [f"{task}_label", f"{task}_score"]
+        if probabilities:
+            names += [f"{task}_prob_{label}" for label in labels]
+    if "age" in tasks:
+        names.append("age_years")
+    return names
+
+
+class Batcher:
+    """Faces from many photos into forward passes of `batch_size`; a photo's rows come out once all its faces
+    are scored."""
+
+    def __init__(self, pipe, batch_size: int):
+        self.pipe, self.batch_size = pipe, batch_size
+        self.waiting: list[tuple[dict, int]] = []  # (photo, face number) not yet scored
+        self.open: dict[int, dict[str, Any]] = {}  # photo index -> photo with its scored faces so far
+
+    def add(self, item: dict[str, Any]) -> list[tuple[dict, list]]:
+        """Queue a photo; returns the photos finished by the forward passes this made due."""
+        chunks = item.get("chunks") or []
+        if not chunks:
+            return [(item, [])]
+        item["outputs"] = [None] * len(chunks)
+        self.open[item["index"]] = item
+        self.waiting.extend((item, number) for number in range(len(chunks)))
+        return self.run(full_only=True)
+
+    def run(self, full_only: bool = False) -> list[tuple[dict, list]]:
+        finished = []
+        while self.waiting and (len(self.waiting) >= self.batch_size or not full_only):
+            batch, self.waiting = self.waiting[: self.batch_size], self.waiting[self.batch_size :]
+            pixel_values = torch.cat([photo["chunks"][number]["pixel_values"] for photo, number in batch])
+            with torch.inference_mode():
+                scored = self.pipe._forward({"pixel_values": pixel_values, "face": None, "is_last": None})
+            for row, (photo, number) in enumerate(batch):
+                chunk = photo["chunks"][number]
+                photo["outputs"][number] = {
+                    **{k: v[row : row + 1] for k, v in scored.items() if k.startswith("probs_")},
+                    "face": chunk["face"],
+                    "is_last": chunk["is_last"],
+                }
+                if all(output is not None for output in photo["outputs"]):
+                    finished.append((self.open.pop(photo["index"]), self.pipe.postprocess(photo["outputs"])))
+        return finished
+
+
+# ---------------------------------------------------------------------------------------------- output
+def parts_folder(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """A part file's rows without an unfinished last line or photo (a crash mid-write), which `repair` also cuts
+    off the file, so that photo is done again."""
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+    if rows:
+        last = rows[-1]
+        block = [r for r in rows if r["index"] == last["index"]]
+        if len(block) < max(1, last["faces"]):
+            rows = rows[: len(rows) - len(block)]
+            complete = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    if repair and len(complete) != len(data):
+        path.write_bytes(complete)
+    return rows
+
+
+def read_output(out: Path) -> list[dict[str, Any]]:
+    """Rows of a finished output file (for --resume after a finished run)."""
+    if out.suffix == ".jsonl":
+        return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    if out.suffix == ".csv":
+        with out.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            row["index"], row["face"], row["faces"] = int(row["index"]), int(row["face"]), int(row["faces"])
+        return rows
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out).to_pylist()
+
+
+def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
+    """The final table, in input order, written beside and then renamed: a crash never leaves half a file."""
+    rows = sorted(rows, key=lambda r: (int(r["index"]), int(r["face"])))
+    partial = out.with_name(out.name + ".writing")
+    if out.suffix == ".csv":
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif out.suffix == ".jsonl":
+        with partial.open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps({k: row.get(k) for k in names}) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
+    os.replace(partial, out)
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.suffix.lower() not in FORMATS:
+        kind = out.suffix or "a file without extension"
+        raise PredictError(f"--out {out}: cannot write {kind}; use one of {', '.join(FORMATS)}.")
+    if resume and overwrite:
+        raise PredictError("--resume continues an output and --overwrite replaces it: choose one.")
+    exists = out.exists() or parts_folder(out).exists()
+    if exists and not (resume or overwrite):
+        raise PredictError(f"--out {out} exists; continue it with --resume, or replace it with --overwrite.")
+
+
+# ------------------------------------------------------------------------------------------------- run
+def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
+    from transformers import pipeline
+
+    from . import SoftBioModel  # registers the task
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: this machine has no CUDA device; use --device cpu.")
+    try:
+        loaded = (
+            SoftBioModel.from_clip(model.removeprefix("clip:"))
+            if model.startswith("clip:")
+            else SoftBioModel.from_pretrained(model, dtype=torch.float32)
+        )
+    except (OSError, ValueError) as error:
+        raise PredictError(
+            f"--model {model} could not be loaded ({error}). Pass a softbio checkpoint (folder or Hub id) or "
+            "clip:ID_OR_FOLDER for the zero-shot model."
+        ) from error
+    pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device)
+    try:
+        pipe.detector(detector)  # built once here, so a bad name fails before any work
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise PredictError(f"--detector {detector}: {error}") from error
+    return pipe
+
+
+def predict(
+    inputs: Sequence[str],
+    model: str,
+    out: str | Path,
+    *,
+    detector: str = "auto",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str | None = None,
+    dtype: str = "auto",
+    limit: int | None = None,
+    probabilities: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_photo=None,
+) -> dict[str, Any]:
+    """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
+    import shutil
+
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    check_output(out, resume, overwrite)
+    # cpu=True lets accelerate join processes started by torchrun with gloo when there is no GPU to use
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    if overwrite and state.is_main_process:
+        shutil.rmtree(parts_folder(out), ignore_errors=True)
+        out.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    sources = expand_inputs(inputs, limit)
+    pipe = load_pipeline(model, device or str(state.device), dtype, detector)
+    tasks = pipe.model.config.tasks
+    names = columns(tasks, probabilities)
+    parts = parts_folder(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:  # cut what a crash left half-written, once, before anyone reads or appends
+        for path in parts.glob("part-*.jsonl"):
+            read_part(path, repair=True)
+    state.wait_for_everyone()
+    # A photo is known by its place in the inputs and its name: the same file listed twice is analysed twice.
+    done_before = {(int(r["index"]), r["source"]) for r in read_output(out)} if resume and out.exists() else set()
+    for path in sorted(parts.glob("part-*.jsonl")):
+        done_before |= {(r["index"], r["source"]) for r in read_part(path)}
+    state.wait_for_everyone()  # every process has read the parts before any appends
+    pending = [s for s in sources if (s.index, s.key) not in done_before]
+    options = {"detector": detector}
+    stats = {"photos": 0, "faces": 0, "no_face": 0, "errors": 0}
+    started = time.perf_counter()
+    with state.split_between_processes(pending) as mine:
+        loader = torch.utils.data.DataLoader(
+            FaceStream(pipe, mine, options),
+            batch_size=None,
+            num_workers=num_workers,
+            worker_init_fn=worker_init if num_workers else None,
+            prefetch_factor=4 if num_workers else None,  # a bounded queue: memory stays flat
+        )
+        batcher = Batcher(pipe, batch_size)
+        bar = tqdm(total=len(mine), desc="photos", unit="photo", disable=not state.is_main_process)
+        with (parts / f"part-{state.process_index:03d}.jsonl").open("a") as part:
+
+            def write(finished):
+                for item, records in finished:
+                    rows = rows_for(item, records, tasks, probabilities)
+                    part.write("".join(json.dumps(row) + "\n" for row in rows))  # one block per photo
+                    part.flush()
+                    stats["photos"] += 1
+                    stats["faces"] += len(records)
+                    stats["errors"] += "error" in item
+                    stats["no_face"] += "error" not in item and not records
+                    bar.update(1)
+                    speed = stats["photos"] / (time.perf_counter() - started)
+                    bar.set_postfix(faces=stats["faces"], img_s=f"{speed:.1f}")
+                    if on_photo is not None:
+                        on_photo(stats["photos"])
+
+            for item in loader:
+                write(batcher.add(item))
+            write(batcher.run())
+        bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rows = read_output(out) if resume and out.exists() else []
+        for path in sorted(parts.glob("part-*.jsonl")):
+            rows += read_part(path)
+        write_output(out, rows, names)
+        shutil.rmtree(parts, ignore_errors=True)
+        stats["rows"] = len(rows)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m softbio_hf.predict",
+        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, .txt lists, or datasets folders")
+    parser.add_argument("--model", required=True, help="softbio checkpoint (folder or Hub id), or clip:ID_OR_FOLDER")
+    parser.add_argument("--out", required=True, help=f"output table: {', '.join(FORMATS)} (by extension)")
+    parser.add_argument("--probabilities", action="store_true", help="add every class's probability per task")
+    parser.add_argument("--detector", default="auto", help="auto (YuNet, else Haar), yunet, haar, none (face crops)")
+    parser.add_argument("--batch-size", type=int, default=64, help="faces per forward pass, across photos (64)")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode and detect"
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32, bfloat16")
+    parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1 or args.num_workers < 0 or (args.limit is not None and args.limit < 1):
+            raise PredictError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
+        stats = predict(
+            args.inputs,
+            args.model,
+            args.out,
+            detector=args.detector,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            limit=args.limit,
+            probabilities=args.probabilities,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except PredictError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the rows so far are kept. Continue with the same command and --resume.", file=sys.stderr)
+        return 130
+    if "rows" in stats:
+        print(
+            f"{stats['photos']} photos this run: {stats['faces']} faces, {stats['no_face']} without a face, "
+            f"{stats['errors']} unreadable; {stats['rows']} rows in {args.out} ({stats['seconds']} s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""python -m softbio_hf.predict: every input once, with a face or a reason; resumable; two processes = one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets_fixtures import face_like
+from PIL import Image
+from serving import serving
+from tiny import TINY_VISION
+
+from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_hf.predict import main, predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("predict-model")
+    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
+        folder
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Generated images, the real example photos, and broken files, in nested folders."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "generated").mkdir()
+    for i in range(12):
+        face_like(i, size=64).save(root / "generated" / f"g{i:02d}.png")
+    (root / "real").mkdir()
+    for photo in (REPO / "examples").glob("*.jpg"):
+        shutil.copy(photo, root / "real" / photo.name)
+    (root / "broken").mkdir()
+    (root / "broken" / "truncated.jpg").write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes()[:3000])
+    (root / "broken" / "notes.jpg").write_text("not a picture")
+    (root / "broken" / "empty.png").write_bytes(b"")
+    (root / "ignored.txt.bak").write_text("not an image extension: not an input")
+    return root
+
+
+def rows_of(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run(inputs, model_dir, out, **options) -> dict:
+    options = {"detector": "haar", "num_workers": 2, "batch_size": 4, "dtype": "float32", **options}
+    return predict([str(i) for i in inputs], str(model_dir), out, **options)
+
+
+def test_every_input_appears_once_with_a_face_or_a_reason(photos, model_dir, tmp_path):
+    listing = tmp_path / "list.txt"
+    body = (REPO / "examples" / "grace_hopper.jpg").read_bytes()
+    with serving(body) as base:
+        listing.write_text(
+            f"# photos elsewhere\n{base}/grace.jpg\n\n{photos / 'real' / 'astronaut.jpg'}\nmissing.jpg\n"
+        )
+        stats = run([photos, listing], model_dir, tmp_path / "faces.csv")
+    rows = rows_of(tmp_path / "faces.csv")
+    expected = 12 + 2 + 3 + 3  # folder: generated, real, broken; list: URL, the astronaut again, a missing file
+    assert stats["photos"] == expected and len(rows) == expected  # one face per real photo here
+    assert sorted(int(r["index"]) for r in rows if r["face"] in ("0", "-1")) == list(range(expected))
+    by_source = {r["source"]: r for r in rows}
+    assert by_source[str(photos / "real" / "astronaut.jpg")]["status"] == "ok"
+    assert by_source[f"{base}/grace.jpg"]["status"] == "ok"  # the URL was fetched
+    assert "truncated or corrupt" in by_source[str(photos / "broken" / "truncated.jpg")]["status"]
+    assert "not an image" in by_source[str(photos / "broken" / "notes.jpg")]["status"]
+    assert "no such image file" in by_source["missing.jpg"]["status"]
+    assert {by_source[str(photos / "generated" / f"g{i:02d}.png")]["status"] for i in range(12)} == {"no face"}
+    assert stats["errors"] == 4 and stats["no_face"] == 12 and stats["faces"] == 4
+    face = by_source[str(photos / "real" / "astronaut.jpg")]
+    assert int(face["xmax"]) > int(face["xmin"]) and face["age_label"] and 0 <= float(face["gender_score"]) <= 1
+    assert float(face["age_years"]) > 0
+    assert [int(r["index"]) for r in rows] == sorted(int(r["index"]) for r in rows)  # input order
+    assert not (tmp_path / "faces.csv.parts").exists()
+
+
+def test_formats_hold_the_same_rows(photos, model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    inputs = [photos / "real", photos / "broken"]
+    for suffix in ("csv", "jsonl", "parquet"):
+        run(inputs, model_dir, tmp_path / f"faces.{suffix}", probabilities=True)
+    as_csv = rows_of(tmp_path / "faces.csv")
+    as_jsonl = [json.loads(line) for line in (tmp_path / "faces.jsonl").read_text().splitlines()]
+    as_parquet = pq.read_table(tmp_path / "faces.parquet").to_pylist()
+    assert [r["source"] for r in as_csv] == [r["source"] for r in as_jsonl] == [r["source"] for r in as_parquet]
+    ok = [r for r in as_jsonl if r["status"] == "ok"]
+    assert ok and all(sum(r[f"gender_prob_{g}"] for g in ("male", "female")) == pytest.approx(1, abs=1e-3) for r in ok)
+    assert "emotion_prob_happy" in as_csv[0]
+
+
+def test_an_interrupted_run_resumes_to_the_same_table(photos, model_dir, tmp_path):
+    run([photos], model_dir, tmp_path / "straight.csv")
+
+    def stop(count):
+        if count == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run([photos], model_dir, tmp_path / "resumed.csv", on_photo=stop)
+    parts = tmp_path / "resumed.csv.parts"
+    kept = [json.loads(line) for p in parts.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert len({r["source"] for r in kept}) == 7 and not (tmp_path / "resumed.csv").exists()
+    with next(parts.glob("*.jsonl")).open("a") as part:  # a crash in the middle of writing a row
+        part.write('{"index": 99, "source": "half-writ')
+    with pytest.raises(ValueError, match="--resume"):
+        run([photos], model_dir, tmp_path / "resumed.csv")  # an existing output is never overwritten silently
+    stats = run([photos], model_dir, tmp_path / "resumed.csv", resume=True)
+    assert stats["photos"] == 17 - 7  # only what was left (12 generated, 2 real and 3 broken files)
+    assert rows_of(tmp_path / "resumed.csv") == rows_of(tmp_path / "straight.csv")
+
+
+def test_two_processes_give_the_same_rows_as_one(photos, model_dir, tmp_path):
+    run([photos], model_dir, tmp_path / "one.jsonl")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "softbio_hf.predict",
+        str(photos), "--model", str(model_dir), "--out", str(tmp_path / "two.jsonl"), "--detector", "haar",
+        "--num-workers", "1", "--batch-size", "4", "--dtype", "float32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if "photos this run" in line]
+    assert len(summary) == 1 and int(summary[0].split()[0]) < 17  # the main process did only its share
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["face"], r["status"]) for r in two] == [(r["source"], r["face"], r["status"]) for r in one]
+    for a, b in zip(one, two, strict=True):
+        for key in ("age_label", "gender_label", "emotion_label", "xmin", "ymax"):
+            assert a.get(key) == b.get(key), key
+        if a["status"] == "ok":
+            assert a["gender_score"] == pytest.approx(b["gender_score"], abs=1e-3)
+
+
+def test_a_prepared_dataset_is_an_input(model_dir, tmp_path):
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    images = [Image.fromarray(np.asarray(face_like(i, 48))) for i in range(3)]
+    features = Features({"image": ImageFeature(), "age": Value("int16")})
+    DatasetDict({"test": Dataset.from_dict({"image": images, "age": [1, 2, 3]}, features=features)}).save_to_disk(
+        str(tmp_path / "prepared")
+    )
+    run([tmp_path / "prepared"], model_dir, tmp_path / "faces.csv", detector="none")
+    rows = rows_of(tmp_path / "faces.csv")
+    assert [r["source"] for r in rows] == [f"{tmp_path / 'prepared'}:test/{i}" for i in range(3)]
+    assert {r["status"] for r in rows} == {"ok"}  # detector none: each image is a face crop
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "faces.xlsx"], "cannot write .xlsx; use one of .csv, .jsonl, .parquet"),
+        (["--out", "faces.csv", "--detector", "mtcnn"], "Unknown face detector 'mtcnn'"),
+        (["--out", "faces.csv", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_options_are_clear(model_dir, tmp_path, capsys, args, message):
+    args = [a if a.startswith("--") or a.isdigit() or a == "mtcnn" else str(tmp_path / a) for a in args]
+    assert main([str(REPO / "examples"), "--model", str(model_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_each_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--model",
+        "--out",
+        "--limit",
+        "--detector",
+        "--batch-size",
+        "--num-workers",
+        "--device",
+        "--dtype",
+        "--resume",
+        "--overwrite",
+        "--probabilities",
+    ):
+        assert option in text
