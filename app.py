@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import html
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("softbio.app")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_UPLOAD = "10mb"
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# Gradio's upload cache: every minute, uploads older than two minutes are deleted (no photo is kept longer).
+# SOFTBIO_CACHE_SWEEP="EVERY,AGE" in seconds changes it (the tests use a few seconds).
+CACHE_SWEEP = tuple(int(v) for v in os.environ.get("SOFTBIO_CACHE_SWEEP", "60,120").split(","))
 DETECTOR_CHOICES = ["auto", "yunet", "haar", "none"]
 TASK_TITLES = {"age": "Age group", "gender": "Gender", "emotion": "Emotion"}
 BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
@@ -40,7 +45,8 @@ of prompts such as "a photo of a smiling face", so no face data trained it. Fine
   (UTKFace, FairFace, RAF-DB) are imbalanced: few children under 3 and few people over 70, few fearful
   or disgusted faces. Expect more errors on under-represented groups.
 - Do not use it to make decisions about people (access, hiring, policing, age verification).
-- Uploaded images are processed in memory and deleted right after the request; nothing is stored.
+- Uploaded images are analysed in memory; the server's upload cache is emptied of photos older than two
+  minutes, every minute. Nothing is stored.
 """
 
 
@@ -132,7 +138,10 @@ def build_pipeline(model):
 
 # --------------------------------------------------------------------------------------------- analysis
 def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshold: float | None = None):
-    """Decode and run the pipeline; bad input becomes a readable message on the page and in the API."""
+    """
+    Decode and run the pipeline. A bad input becomes the product's own message on the page and in the API, and
+    one line in the server log; anything else is logged there and the client sees no internals.
+    """
     import gradio as gr
 
     from softbio_hf import load_image
@@ -140,27 +149,36 @@ def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshol
     try:
         rgb = load_image(data, name=name)
         return rgb, pipe(rgb, detector=detector, threshold=threshold or None)  # threshold 0: detector default
-    except ValueError as error:
-        raise gr.Error(str(error)) from error
+    except (ValueError, TypeError) as error:  # the input or an option: the message names it and the fix
+        logger.warning("rejected %s: %s", name, error)
+        raise gr.Error(str(error), print_exception=False) from None
+    except Exception:
+        logger.exception("analysis of %s failed", name)
+        message = "The analysis failed on the server; it was logged. Try another photo."
+        raise gr.Error(message, print_exception=False) from None
 
 
-def example_digests() -> set[str]:
-    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in EXAMPLES_DIR.glob("*.jpg")}
-
-
-def read_and_delete(path: str | None, keep: set[str] = frozenset()) -> tuple[bytes, str]:
+def read_upload(path: str | None) -> tuple[bytes, str]:
     """
-    The upload's bytes; the file is removed at once so no uploaded image stays on disk. Gradio's cached
-    copies of the public example photos (digests in `keep`) stay, or the next click on an example would fail.
+    The upload's bytes, read into memory. Nothing is deleted here: gradio keeps uploads under a hash of their
+    content, so the same photo sent twice, or by two people at once, is one file, and deleting it would break the
+    other request. Gradio's cache is emptied of old uploads instead (delete_cache in build_demo). Only files in
+    gradio's upload folder are read.
     """
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
     if not path:
-        raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.")
+        raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.", print_exception=False)
     file = Path(path)
-    data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() not in keep:
-        file.unlink(missing_ok=True)
+    uploads = Path(get_upload_folder()).resolve()
+    if file.is_symlink() or not file.resolve().is_relative_to(uploads) or not file.is_file():
+        logger.warning("refused a path outside the uploads: %s", path)
+        raise gr.Error("That file is not an upload of this demo: upload the photo itself.", print_exception=False)
+    with file.open("rb") as handle:
+        data = handle.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise gr.Error(f"The photo is over {MAX_UPLOAD}: downscale it first.", print_exception=False)
     return data, repr(file.name)
 
 
@@ -253,10 +271,8 @@ CSS = """
 def build_demo(pipe, model_name: str):
     import gradio as gr
 
-    examples = example_digests()
-
     def analyze_upload(path, detector, threshold):
-        data, name = read_and_delete(path, keep=examples)
+        data, name = read_upload(path)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces), faces
 
@@ -268,10 +284,10 @@ def build_demo(pipe, model_name: str):
 
     def analyze_api(path, detector="auto", threshold=0.0):
         """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
-        data, name = read_and_delete(path, keep=examples)
+        data, name = read_upload(path)
         return analyze_bytes(pipe, data, name, detector or "auto", threshold)[1]
 
-    with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=(600, 600)) as demo:
+    with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# softbio\nAge group, gender and emotion of every face in a photo, from one forward pass of a CLIP "
             f"vision model.\n\n**Model in use:** `{model_name}`"
@@ -350,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         model, name = load_model(args.model)
     except ModelUnavailable as error:
@@ -358,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(build_pipeline(model), name)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+        # show_error=False: an unexpected exception's text (paths, library internals) never reaches a client
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=False)
     except OSError as error:  # gradio's own advice is to change launch(): here it is an option
         print(
             f"softbio: could not serve on {args.host}:{args.port} ({error}). Pass another port with --port, "

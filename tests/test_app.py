@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def app(tmp_path_factory):
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
     model.save_pretrained(root / "ckpt")
-    with running_app(REPO / "app.py", root / "ckpt", root) as served:
+    with running_app(REPO / "app.py", root / "ckpt", root, env={"SOFTBIO_CACHE_SWEEP": "2,3"}) as served:
         yield served
 
 
@@ -46,8 +47,12 @@ def test_api_bad_upload_is_a_readable_error_and_the_app_keeps_serving(app, tmp_p
     notes.write_text("hello")
     with pytest.raises(Exception, match=r"notes\.txt.*is not an image"):
         client.predict(handle_file(str(notes)), "auto", 0, api_name="/analyze")
+    with pytest.raises(Exception, match=r"threshold='abc': use a number between 0 and 1"):
+        client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", "abc", api_name="/analyze")
     faces = client.predict(handle_file(str(REPO / "examples" / "grace_hopper.jpg")), "haar", 0, api_name="/analyze")
     assert len(faces) == 1
+    log = app["log"].read_text()
+    assert "rejected 'notes.txt'" in log and "Traceback" not in log  # one line per rejected input
 
 
 def test_uploads_over_the_size_cap_are_refused_with_a_message(app, tmp_path):
@@ -65,8 +70,54 @@ def test_uploads_are_not_kept_on_disk(app, tmp_path):
     client = Client(app["url"], verbose=False)
     assert len(client.predict(handle_file(str(upload)), "haar", 0, api_name="/analyze")) == 1
     body = upload.read_bytes()
-    leftovers = [p for p in app["temp"].rglob("*") if p.is_file() and (p.name == upload.name or p.read_bytes() == body)]
-    assert leftovers == []
+
+    def leftovers():
+        return [p for p in app["temp"].rglob("*") if p.is_file() and (p.name == upload.name or p.read_bytes() == body)]
+
+    deadline = time.monotonic() + 60  # the app sweeps every 2 s for files older than 3 s (SOFTBIO_CACHE_SWEEP)
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert leftovers() == []
+
+
+def test_the_same_photo_from_eight_clients_at_once_then_again_all_succeed(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    photo = str(REPO / "examples" / "grace_hopper.jpg")
+
+    def analyse(_):
+        return Client(app["url"], verbose=False).predict(handle_file(photo), "haar", 0, api_name="/analyze")
+
+    for _ in range(2):  # one file in gradio's cache serves them all: no request may delete it under another
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(analyse, range(8)))
+        assert [len(faces) for faces in results] == [1] * 8
+
+
+def test_a_crafted_path_outside_the_uploads_is_refused_and_left_alone(app, tmp_path):
+    secret = tmp_path / "someone-elses.jpg"
+    secret.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes())
+    crafted = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": "x.jpg"}
+    answer = raw_api_call(app["url"], "analyze", [crafted, "haar", 0])  # gradio_client would upload the file
+    assert "event: error" in answer and "event: complete" not in answer
+    assert str(tmp_path) not in answer  # no server path comes back
+    assert secret.is_file()
+
+
+def raw_api_call(url: str, endpoint: str, data: list) -> str:
+    """The HTTP API without gradio_client: a payload exactly as sent, and the event stream that answers it."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/{endpoint}",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as response:
+        return response.read().decode()
 
 
 def test_offline_without_a_model_says_what_to_pass(tmp_path):
