@@ -10,15 +10,19 @@ None), race (fairness reports only), dataset, split. Label orders are the canoni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import hashlib
 import io
 import json
 import math
+import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -140,6 +144,39 @@ class SkipReport:
         return "skipped: " + ", ".join(f"{count} {reason}" for reason, count in self.counts.most_common())
 
 
+def files_under(root: Path, skips: SkipReport) -> list[Path]:
+    """Every file below root; a folder that cannot be read is reported, not silently passed over."""
+    found = []
+
+    def unreadable(error: OSError) -> None:
+        skips.add("unreadable folder", f"{error.filename} ({error.strerror})")
+
+    for folder, _dirs, names in os.walk(root, onerror=unreadable):
+        found.extend(Path(folder) / name for name in names)
+    return found
+
+
+@contextlib.contextmanager
+def open_table(path: Path):
+    """A CSV/text file of labels: UTF-8 (a byte-order mark is fine); other bytes or no access are named errors."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            yield handle
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8."
+        ) from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: {error}; check that file's rows (a field over 131,072 characters?).") from None
+    except PermissionError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror}); check its permissions.") from None
+
+
+def inside(root: Path, path: str | Path) -> bool:
+    """Whether `path` (symlinks resolved) lies in `root`: a label file never makes prepare read elsewhere."""
+    return Path(path).resolve().is_relative_to(root.resolve())
+
+
 def _missing(dataset: str, expected: Path) -> FileNotFoundError:
     return FileNotFoundError(f"Expected {expected} for --dataset {dataset}. The dataset is {SOURCES[dataset]}.")
 
@@ -151,7 +188,7 @@ _UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
 
 def read_utkface(root: Path, skips: SkipReport) -> list[dict]:
     """UTKFace raw or aligned (`.chip.jpg`) folder. No official split: `hashed_split` of the file name (80/10/10)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and ".jpg" in p.name.lower())
+    files = sorted(p for p in files_under(root, skips) if ".jpg" in p.name.lower())
     if not files:
         raise _missing("utkface", root / "<age>_<gender>_<race>_<date>.jpg")
     rows = []
@@ -196,14 +233,17 @@ def read_fairface(root: Path, skips: SkipReport, margin: str = "0.25") -> list[d
         table = root / csv_name
         if not table.is_file():
             raise _missing("fairface", table)
-        with table.open(newline="") as handle:
+        with open_table(table) as handle:
             for line, record in enumerate(csv.DictReader(handle), start=2):
                 where = f"{csv_name}:{line}"
                 try:
                     age, _ = parse_age(record["age"])
                     gender = parse_label(record["gender"], "gender")
-                except (KeyError, ValueError, TypeError) as error:
+                except (KeyError, ValueError, TypeError, AttributeError) as error:
                     skips.add("bad label", f"{where} ({error})")
+                    continue
+                if not record.get("file"):
+                    skips.add("short row", where)
                     continue
                 rows.append(
                     make_row(
@@ -259,7 +299,9 @@ def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
         raise _missing("rafdb", partition)
     aligned = root / "Image" / "aligned"
     rows = []
-    for number, line in enumerate(partition.read_text().splitlines(), start=1):
+    with open_table(partition) as handle:
+        lines = handle.read().splitlines()
+    for number, line in enumerate(lines, start=1):
         parts = line.split()
         if not parts:
             continue
@@ -269,7 +311,7 @@ def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
         name, label = parts
         image = aligned / name.replace(".jpg", "_aligned.jpg")
         if not image.is_file():
-            skips.add("missing image", str(image.relative_to(root)))
+            skips.add("missing image", str(image.relative_to(root)) if image.is_relative_to(root) else name)
             continue
         rows.append(make_row(str(image), "rafdb", rafdb_split(name), emotion=int(label) - 1))
     return rows
@@ -281,7 +323,7 @@ def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) ->
     if not meta.is_file():
         raise _missing("vggface2", meta)
     genders = {}
-    with meta.open(newline="") as handle:
+    with open_table(meta) as handle:
         for record in csv.DictReader(handle, skipinitialspace=True):
             record = {k.strip(): (v or "").strip() for k, v in record.items() if k}
             if record.get("Gender") in ("m", "f"):
@@ -290,8 +332,8 @@ def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) ->
     if age_csv is not None:
         if not Path(age_csv).is_file():
             raise FileNotFoundError(f"--age-csv {age_csv}: no such file (columns: file,age).")
-        with Path(age_csv).open(newline="") as handle:
-            ages = {r["file"].strip(): r["age"] for r in csv.DictReader(handle)}
+        with open_table(Path(age_csv)) as handle:
+            ages = {(r.get("file") or "").strip(): r.get("age") or "" for r in csv.DictReader(handle)}
     rows = []
     for split_dir, split in (("train", "train"), ("test", "test")):
         for path in sorted((root / split_dir).glob("*/*.jpg")):
@@ -317,11 +359,14 @@ def read_folder(root: Path, skips: SkipReport) -> list[dict]:
     if not meta.is_file():
         raise _missing("folder", meta)
     rows = []
-    with meta.open(newline="") as handle:
+    with open_table(meta) as handle:
         reader = csv.DictReader(handle)
         if "file_name" not in (reader.fieldnames or []):
             raise ValueError(f"{meta} has no file_name column; its columns are {reader.fieldnames}.")
         for line, record in enumerate(reader, start=2):
+            if not (record.get("file_name") or "").strip():
+                skips.add("short row", f"metadata.csv:{line}")
+                continue
             labels: dict[str, Any] = {}
             try:
                 if (record.get("age") or "").strip():
@@ -337,7 +382,9 @@ def read_folder(root: Path, skips: SkipReport) -> list[dict]:
                 skips.add("bad split", f"metadata.csv:{line} ({split!r})")
                 continue
             race = (record.get("race") or "").strip() or None
-            rows.append(make_row(str(root / record["file_name"]), root.name or "folder", split, race=race, **labels))
+            rows.append(
+                make_row(str(root / record["file_name"].strip()), root.name or "folder", split, race=race, **labels)
+            )
     return rows
 
 
@@ -395,54 +442,122 @@ def prepare(
     out: str | Path,
     image_size: int = 336,
     num_proc: int | None = None,
+    overwrite: bool = False,
     **reader_options: Any,
 ):
-    """Read a benchmark, decode and resize every image once, save a DatasetDict (one entry per split)."""
+    """
+    Read a benchmark, decode and resize every image once, save a DatasetDict (one entry per split). Only files
+    inside `root` are read. The result is written into a temporary folder beside `out` and renamed into place at
+    the end, so a crash leaves an existing `out` as it was and no half-written folder under its name.
+    """
     from datasets import Dataset, DatasetDict
 
-    root = Path(root)
+    root, out = Path(root), Path(out)
+    from_hub = str(root).startswith("hub:")
     if dataset not in READERS:
         raise ValueError(f"Unknown --dataset {dataset!r}; choose one of {sorted(READERS)}.")
-    if not root.is_dir() and not str(root).startswith("hub:"):
+    if not root.is_dir() and not from_hub:
         raise FileNotFoundError(f"--root {root} is not a folder. The dataset is {SOURCES[dataset]}.")
-    skips = SkipReport()
-    start = time.perf_counter()
-    if dataset == "fairface" and str(root).startswith("hub:"):
-        from datasets import load_dataset
+    if not 16 <= image_size <= 4096:
+        raise ValueError(f"--image-size {image_size}: use 16 to 4096 pixels (the shorter side; 336 for ViT-L/14@336).")
+    staging = check_out(out, None if from_hub else root, overwrite)
+    try:
+        skips = SkipReport()
+        start = time.perf_counter()
+        rows = (
+            fairface_from_hub(load_fairface_hub(str(root)[4:]))
+            if from_hub
+            else read_rows(dataset, root, skips, reader_options)
+        )
+        if not rows:
+            raise ValueError(f"--root {root}: no usable row ({skips.summary()}). The dataset is {SOURCES[dataset]}.")
+        raw = Dataset.from_list([{"image_bytes": None, **r} for r in rows])  # hub rows carry their bytes
+        num_proc = num_proc if num_proc and num_proc > 1 and len(raw) >= 64 else None  # tiny sets: no workers
+        decoded = raw.map(
+            decode_and_resize,
+            fn_kwargs={"image_size": image_size},
+            num_proc=num_proc,
+            remove_columns=["image_bytes"],
+            desc=f"decode + resize {dataset}",
+        )
+        for source, error in zip(decoded["source"], decoded["error"], strict=True):
+            if error:
+                skips.add(error, source)
+        kept = decoded.filter(lambda error: error is None, input_columns="error", desc="drop unreadable")
+        if not len(kept):
+            raise ValueError(f"--root {root}: no image could be read ({skips.summary()}).")
+        kept = kept.remove_columns(["source", "error"]).cast(features())
+        splits = DatasetDict({s: kept.filter(lambda v, s=s: v == s, input_columns="split") for s in SPLITS})
+        splits = DatasetDict({name: part for name, part in splits.items() if len(part)})
+        seconds = time.perf_counter() - start
+        splits.save_to_disk(str(staging))
+        report = {
+            "dataset": dataset,
+            "root": str(root),
+            "image_size": image_size,
+            "rows": {name: len(part) for name, part in splits.items()},
+            "skipped": skips.to_dict(),
+            "seconds": round(seconds, 2),
+            "images_per_second": round(len(raw) / seconds, 1) if seconds else None,
+        }
+        (staging / "prepare_report.json").write_text(json.dumps(report, indent=2))
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    from datasets import load_from_disk
 
-        rows = fairface_from_hub(load_dataset("HuggingFaceM4/FairFace", str(root)[4:] or "0.25"))
-    else:
-        rows = READERS[dataset](root, skips, **reader_options)
-    raw = Dataset.from_list([{"image_bytes": None, **r} for r in rows])  # hub rows carry their bytes
-    num_proc = num_proc if num_proc and num_proc > 1 and len(raw) >= 64 else None  # tiny sets: no workers
-    decoded = raw.map(
-        decode_and_resize,
-        fn_kwargs={"image_size": image_size},
-        num_proc=num_proc,
-        remove_columns=["image_bytes"],
-        desc=f"decode + resize {dataset}",
-    )
-    for source, error in zip(decoded["source"], decoded["error"], strict=True):
-        if error:
-            skips.add(error, source)
-    kept = decoded.filter(lambda error: error is None, input_columns="error", desc="drop unreadable")
-    kept = kept.remove_columns(["source", "error"]).cast(features())
-    splits = DatasetDict({s: kept.filter(lambda v, s=s: v == s, input_columns="split") for s in SPLITS})
-    splits = DatasetDict({name: part for name, part in splits.items() if len(part)})
-    seconds = time.perf_counter() - start
-    out = Path(out)
-    splits.save_to_disk(str(out))
-    report = {
-        "dataset": dataset,
-        "root": str(root),
-        "image_size": image_size,
-        "rows": {name: len(part) for name, part in splits.items()},
-        "skipped": skips.to_dict(),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(len(raw) / seconds, 1) if seconds else None,
-    }
-    (out / "prepare_report.json").write_text(json.dumps(report, indent=2))
-    return splits, report
+    return load_from_disk(str(out)), report
+
+
+def read_rows(dataset: str, root: Path, skips: SkipReport, reader_options: dict[str, Any]) -> list[dict]:
+    """The reader's rows whose files lie inside root (a list entry such as ../../x.jpg, an absolute path or a
+    symlink pointing out is skipped and reported)."""
+    rows = []
+    for row in READERS[dataset](root, skips, **reader_options):
+        if inside(root, row["source"]):
+            rows.append(row)
+        else:
+            skips.add("outside --root", row["source"])
+    return rows
+
+
+def load_fairface_hub(margin: str):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset("HuggingFaceM4/FairFace", margin or "0.25")
+    except Exception as error:  # offline, unknown config, hub errors: all end the same way for the user
+        raise ValueError(
+            f"--root hub:{margin}: could not load HuggingFaceM4/FairFace from the Hub ({type(error).__name__}: "
+            f"{str(error)[:200]}). Check the network, or download FairFace and give its folder as --root."
+        ) from None
+
+
+def check_out(out: Path, root: Path | None, overwrite: bool) -> Path:
+    """Refuse an --out that would lose or mix data; return the (created) staging folder beside it."""
+    resolved = out.resolve()
+    if root is not None and (resolved.is_relative_to(root.resolve()) or root.resolve().is_relative_to(resolved)):
+        raise ValueError(f"--out {out} and --root {root} overlap; write the prepared dataset elsewhere.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite to replace it.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write beside it ({error.strerror}); choose a writable folder.") from None
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Put the finished folder at `out`; an old one is moved aside first and removed only once the new is in."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- stats
@@ -611,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="folder for the prepared dataset")
     prep.add_argument("--image-size", type=int, default=336, help="shorter side after resizing (default 336)")
     prep.add_argument("--num-proc", type=int, default=None, help="worker processes (default: every core)")
+    prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (kept until the end)")
     prep.add_argument("--margin", default="0.25", help="FairFace crop margin: 0.25 (default) or 1.25")
     prep.add_argument("--age-csv", default=None, help="VGGFace2: CSV of estimated ages (columns file,age)")
     show = commands.add_parser(
@@ -626,8 +742,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prepare":
@@ -642,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 image_size=args.image_size,
                 num_proc=args.num_proc or os.cpu_count(),
+                overwrite=args.overwrite,
                 **options,
             )
             rows = ", ".join(f"{name} {count:,}" for name, count in report["rows"].items())
@@ -653,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = stats(load_prepared(args.paths, args.split), alpha=args.alpha)
             print(json.dumps(result, indent=2) if args.json else format_stats(result))
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing, unreadable or unwritable path, or a bad value
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
