@@ -100,9 +100,9 @@ def load_model(name: str | None):
         )
     try:
         return SoftBioModel.from_pretrained(name), name
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a broken checkpoint fails in many ways; each is reported, none as a traceback
         raise ModelUnavailable(
-            f"Could not load the softbio checkpoint {name!r}: {error}\n"
+            f"Could not load the softbio checkpoint {name!r}: {type(error).__name__}: {str(error)[:500]}\n"
             "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
         ) from error
 

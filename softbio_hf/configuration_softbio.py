@@ -51,6 +51,7 @@ def pipeline_registered_here() -> bool:
 PIPELINE_TASK = "soft-biometrics"
 PIPELINE_SPEC = {"impl": "pipeline_softbio.SoftBiometricsPipeline", "pt": ["AutoModel"], "type": "image"}
 POOLING_CHOICES = ("cls", "attention")
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules", "merged")
 LOSS_WEIGHTING_CHOICES = ("sum", "uncertainty")
 
 
@@ -152,6 +153,16 @@ class SoftBioConfig(PreTrainedConfig):
         return output
 
     def _validate(self) -> None:
+        vision = self.vision_config
+        for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(vision, key, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, int) and v > 0 for v in values):
+                raise ValueError(f"SoftBioConfig.vision_config.{key}={value!r} must be a positive whole number.")
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 0):
+            raise ValueError(
+                f"SoftBioConfig.projection_dim={self.projection_dim!r}: give a positive width, or 0/None for none."
+            )
         if not self.tasks:
             raise ValueError(
                 "SoftBioConfig.tasks is empty: give at least one task, e.g. {'gender': ['male', 'female']}."
@@ -161,6 +172,8 @@ class SoftBioConfig(PreTrainedConfig):
                 raise ValueError(f"SoftBioConfig.tasks[{task!r}] has {len(labels)} label(s); a task needs at least 2.")
             if len(set(labels)) != len(labels):
                 raise ValueError(f"SoftBioConfig.tasks[{task!r}] repeats a label: {labels}.")
+            if not all(isinstance(label, str) and label for label in labels):
+                raise ValueError(f"SoftBioConfig.tasks[{task!r}]: labels must be non-empty strings, got {labels}.")
         if self.pooling not in POOLING_CHOICES:
             raise ValueError(f"SoftBioConfig.pooling={self.pooling!r}; choose one of {POOLING_CHOICES}.")
         if self.loss_weighting not in LOSS_WEIGHTING_CHOICES:
@@ -182,10 +195,30 @@ class SoftBioConfig(PreTrainedConfig):
                 f"SoftBioConfig.trainable_blocks={self.trainable_blocks}: use 0 (frozen backbone), 1..{num_layers} "
                 "(the last k blocks) or -1 (the whole backbone)."
             )
+        self._validate_adapter()
         if self.age_years is not None and "age" in self.tasks and len(self.age_years) != len(self.tasks["age"]):
             raise ValueError(
                 f"SoftBioConfig.age_years has {len(self.age_years)} values but the age task has "
                 f"{len(self.tasks['age'])} labels; give one representative age per bin."
+            )
+
+    def _validate_adapter(self) -> None:
+        """A checkpoint's adapter entry must say enough to rebuild its layers."""
+        adapter = self.adapter
+        if not adapter:
+            return
+        if not isinstance(adapter, dict) or "method" not in adapter:
+            raise ValueError(
+                f"SoftBioConfig.adapter={adapter!r} must be a dict with a 'method' (as apply_method writes)."
+            )
+        needed = {"lora": LORA_KEYS, "dora": LORA_KEYS, "loraplus": LORA_KEYS, "mtlora": LORA_KEYS}.get(
+            adapter["method"], ()
+        )
+        missing = [key for key in needed if key not in adapter]
+        if missing:
+            raise ValueError(
+                f"SoftBioConfig.adapter for {adapter['method']!r} lacks {missing}; this checkpoint's config.json is "
+                "incomplete: save the model again with save_pretrained."
             )
 
     @property

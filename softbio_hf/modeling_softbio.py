@@ -260,14 +260,14 @@ class SoftBioModel(SoftBioPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}."
             )
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size) or not len(pixel_values):
             raise ValueError(
                 f"pixel_values has shape {list(pixel_values.shape)}; expected {expected}. "
                 "Preprocess images with the model's image processor (AutoImageProcessor.from_pretrained)."
             )
 
     def _collect_labels(
-        self, labels: dict[str, torch.Tensor] | None, task_labels: dict[str, torch.Tensor | None]
+        self, labels: dict[str, torch.Tensor] | None, task_labels: dict[str, torch.Tensor | None], batch: int
     ) -> dict[str, torch.Tensor]:
         merged = {**(labels or {}), **{k: v for k, v in task_labels.items() if v is not None}}
         unknown = sorted(set(merged) - set(self.config.tasks))
@@ -277,7 +277,18 @@ class SoftBioModel(SoftBioPreTrainedModel):
             )
         checked = {}
         for task, value in merged.items():
-            value = torch.as_tensor(value, device=self.device).long()
+            value = torch.as_tensor(value, device=self.device)
+            if value.is_floating_point() and not torch.equal(value, value.round()):
+                raise ValueError(
+                    f"Labels for task {task!r} must be class ids (whole numbers), got {value.tolist()[:5]}; "
+                    "probabilities or soft labels are not supported."
+                )
+            value = value.long().reshape(-1) if value.ndim else value.long().reshape(1)
+            if len(value) != batch:
+                raise ValueError(
+                    f"Labels for task {task!r} have {len(value)} entries for a batch of {batch} images; give one "
+                    f"class id per image ({IGNORE_INDEX} for 'no label')."
+                )
             num_labels = len(self.config.tasks[task])
             bad = (value != IGNORE_INDEX) & ((value < 0) | (value >= num_labels))
             if bad.any():  # checked here so a bad label never becomes a device-side assert
@@ -356,7 +367,9 @@ class SoftBioModel(SoftBioPreTrainedModel):
         """
         task_labels, backbone_kwargs = self._split_keywords(kwargs)
         self._check_pixel_values(pixel_values)
-        targets = self._collect_labels(labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels})
+        targets = self._collect_labels(
+            labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels}, len(pixel_values)
+        )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -733,6 +746,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """As PreTrainedModel.from_pretrained; refuses a checkpoint whose labels differ from the requested ones."""
+        refuse_pickled_weights(pretrained_model_name_or_path)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint
         requested = kwargs.get("tasks")
         config = kwargs.get("config")
         if requested is None and isinstance(config, SoftBioConfig):
@@ -746,6 +761,20 @@ class SoftBioModel(SoftBioPreTrainedModel):
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def refuse_pickled_weights(source) -> None:
+    """A local checkpoint with only pickled weights gets a message that says how to convert them."""
+    if source is None or not Path(str(source)).is_dir():
+        return
+    folder = Path(str(source))
+    if not list(folder.glob("*.safetensors")) and (list(folder.glob("*.bin")) or list(folder.glob("*.pt"))):
+        raise ValueError(
+            f"{folder} holds pickled weights (.bin/.pt) and no safetensors; softbio loads safetensors only, since "
+            "unpickling can run code. If you trust the file, convert it once: load the state dict with "
+            "torch.load(path, weights_only=True) and write it with safetensors.torch.save_file(state_dict, "
+            f"'{folder}/model.safetensors')."
+        )
 
 
 def check_trainable_blocks(blocks: int, num_layers: int) -> None:

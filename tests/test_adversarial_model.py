@@ -1,0 +1,87 @@
+"""The model and its config against bad input: a clear error naming the input and the fix, never a silent guess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import TINY_VISION
+
+from softbio_hf import SoftBioConfig, SoftBioModel
+
+VISION = {"model_type": "clip_vision_model", **TINY_VISION}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pixels(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"gender": torch.tensor([0.9, 0.0])}, r"'gender' must be class ids \(whole numbers\), got \[0\.89"),
+        ({"gender": torch.tensor([0, 1, 1])}, r"'gender' have 3 entries for a batch of 2 images"),
+        ({"age": torch.tensor(3)}, r"'age' have 1 entries for a batch of 2"),
+    ],
+)
+def test_bad_labels_are_named(tiny_model, labels, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(pixels(), **labels)
+
+
+def test_whole_number_float_labels_are_accepted(tiny_model):
+    out = tiny_model(pixels(), gender=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out.loss, tiny_model(pixels(), gender=torch.tensor([1, 0])).loss)
+
+
+def test_an_empty_batch_is_named(tiny_model):
+    with pytest.raises(ValueError, match=r"pixel_values has shape \[0, 3, 32, 32\]"):
+        tiny_model(torch.zeros(0, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vision_config": {**VISION, "image_size": -32}}, r"vision_config.image_size=-32 must be a positive"),
+        ({"vision_config": {**VISION, "patch_size": 0}}, r"vision_config.patch_size=0"),
+        ({"projection_dim": -4}, r"projection_dim=-4"),
+        ({"tasks": {"gender": ["male", 1]}}, r"labels must be non-empty strings"),
+        ({"tasks": {"gender": ["male", ""]}}, r"labels must be non-empty strings"),
+        ({"adapter": {"method": "lora", "rank": 4}}, r"adapter for 'lora' lacks \['alpha', 'dropout'"),
+        ({"adapter": "lora"}, r"must be a dict with a 'method'"),
+    ],
+)
+def test_config_values_are_validated_with_the_key_named(overrides, message):
+    settings = {"vision_config": VISION, "projection_dim": 16, **overrides}
+    with pytest.raises(ValueError, match=message):
+        SoftBioConfig(**settings)
+
+
+def test_pickled_weights_are_refused_with_how_to_convert(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    state = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickled weights .* safetensors only.*save_file"):
+        SoftBioModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_the_demo_reports_a_broken_checkpoint_without_a_traceback(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 64)  # truncated, corrupt
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "broken")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Could not load the softbio checkpoint" in result.stderr and "Traceback" not in result.stderr
