@@ -50,3 +50,12 @@ def test_help_answers_without_heavy_imports(module):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "usage:" in result.stdout and "HEAVY []" in result.stdout, result.stdout[-500:] + result.stderr[-500:]
+
+
+def test_predict_bench_compares_the_command_with_the_model_alone():
+    from bench.predict import run as run_predict
+
+    result = run_predict(tiny=True, photos=6, batch_size=4, num_workers=1, device="cpu", dtype="float32")
+    alone, command = result["rows"]
+    assert alone["ratio_vs_baseline"] == 1.0 and command["images_per_s"] > 0
+    assert command["ratio_vs_baseline"] == pytest.approx(command["images_per_s"] / alone["images_per_s"])
