@@ -12,10 +12,12 @@ measured in this run) divided by the analytic FLOPs per image; every row is a sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 TINY = {
     "hidden_size": 64,
@@ -82,13 +84,28 @@ def images_per_second(model, images, batch_size: int, device) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_gb(device) -> float:
-    """CUDA: the largest allocation since the last reset. CPU: the process's peak resident set so far."""
+    """CUDA: the largest allocation since the last reset. CPU: the process's peak resident set since the reset
+    (since the start where it cannot be reset)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1e6
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def build(config, attention: str, dtype, device):
@@ -131,8 +148,7 @@ def run(tiny: bool = False, images: int = 8, batch_size: int = 8, device: str | 
         ("naive: fp32, eager attention, one image at a time", "eager", torch.float32, 1),
         (f"ours: {str(fast_dtype).removeprefix('torch.')}, SDPA, batch {batch_size}", "sdpa", fast_dtype, batch_size),
     ):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         model = build(config, attention, dtype, device)
         speed = images_per_second(model, pixels, batch, device)
         rows.append(
