@@ -185,7 +185,7 @@ def test_compare_prints_one_row_per_run_and_the_difference(tmp_path, capsys):
         path = tmp_path / name / "results.json"
         path.parent.mkdir()
         summary = {"emotion": 66.57, "age": 47.36, "gender": 96.67, "overall": overall}
-        path.write_text(json.dumps({"name": name, "summary": summary}))
+        path.write_text(json.dumps({"name": name, "results": {}, "summary": summary}))
         runs.append(path)
     assert run_cli("compare", *runs, "--baseline", "zs") == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -747,20 +747,26 @@ def model_name(spec: str) -> str:
     return ("zs-" if spec.startswith("clip:") else "") + (name or spec)
 
 
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results.json written by this module; anything else is an EvaluationError that says so."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"{path} is not a results.json written by python -m train.evaluate ({error}).") from None
+    missing = [key for key in ("results", "summary") if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise EvaluationError(f"{path} is not a results.json written by python -m train.evaluate (no {missing}).")
+    return report
+
+
 def compare(paths: Sequence[str], names: Sequence[str] | None, baseline: str | None) -> str:
     if names and len(names) != len(paths):
         raise EvaluationError(f"--names gives {len(names)} names for {len(paths)} runs.")
     rows = []
     for index, path in enumerate(paths):
-        try:
-            report = json.loads(Path(path).read_text())
-            summary = report["summary"]
-        except (OSError, ValueError, KeyError) as error:
-            raise EvaluationError(
-                f"{path} is not a results.json written by python -m train.evaluate ({error})."
-            ) from error
+        report = read_results(path)
         name = names[index] if names else report.get("name") or Path(path).parent.name
-        rows.append((name, summary))
+        rows.append((name, report["summary"]))
     known = [name for name, _ in rows]
     if baseline is not None and baseline not in known:
         raise EvaluationError(f"--baseline {baseline!r} is none of the runs {known}.")

@@ -61,13 +61,13 @@ def load_results(path: Path | None, tasks: Mapping[str, list[str]]) -> dict[str,
     """A results.json of train.evaluate, refused when its tasks or labels are not the model's."""
     if path is None:
         return None
+    from train.evaluate import EvaluationError, read_results
+
     try:
-        results = json.loads(Path(path).read_text())
-        per_dataset = results["results"]
-    except (OSError, ValueError, KeyError) as error:
-        raise HubError(
-            f"--results {path} is not a results.json written by python -m train.evaluate ({error})."
-        ) from error
+        results = read_results(path)
+    except EvaluationError as error:
+        raise HubError(f"--results {error}") from None
+    per_dataset = results["results"]
     evaluated = {task for metrics in per_dataset.values() for task in metrics}
     foreign = sorted(evaluated - set(tasks))
     if foreign:
