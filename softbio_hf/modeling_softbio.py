@@ -744,8 +744,13 @@ class SoftBioModel(SoftBioPreTrainedModel):
         return result
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As PreTrainedModel.from_pretrained; refuses a checkpoint whose labels differ from the requested ones."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_new_heads: bool = False, **kwargs):
+        """
+        As PreTrainedModel.from_pretrained (safetensors only). Refuses a checkpoint whose labels differ from the
+        requested ones, and one whose weights have no head at all for a task of its config (a task added to
+        config.json would otherwise serve random predictions); `allow_new_heads=True` initialises such heads, to
+        train them.
+        """
         refuse_pickled_weights(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint
         requested = kwargs.get("tasks")
@@ -760,7 +765,23 @@ class SoftBioModel(SoftBioPreTrainedModel):
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = set(info.get("missing_keys", ()))
+        headless = [
+            task
+            for task, head in model.heads.items()
+            if all(f"heads.{task}.{name}" in missing for name, _ in head.named_parameters())
+        ]
+        if headless and not allow_new_heads:
+            raise ValueError(
+                f"The checkpoint {str(pretrained_model_name_or_path)!r} has no weights for the head of task(s) "
+                f"{headless}: its config names a task its weights were never trained for, so those predictions "
+                "would be random. Remove the task from config.json, or pass allow_new_heads=True to train it."
+            )
+        return (model, info) if wants_info else model
 
 
 def refuse_pickled_weights(source) -> None:

@@ -85,3 +85,17 @@ def test_the_demo_reports_a_broken_checkpoint_without_a_traceback(tiny_model, tm
     )
     assert result.returncode == 2
     assert "Could not load the softbio checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_task_without_trained_weights_is_refused_unless_asked_for(tiny_model, tmp_path):
+    import json
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["tasks"]["smile"] = ["no", "yes"]  # a task added by hand: no weights were ever trained for it
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no weights for the head of task\(s\) \['smile'\].*allow_new_heads=True"):
+        SoftBioModel.from_pretrained(tmp_path / "ckpt")
+    grown, info = SoftBioModel.from_pretrained(tmp_path / "ckpt", allow_new_heads=True, output_loading_info=True)
+    assert "heads.smile.classifier.weight" in info["missing_keys"]  # the load report names it
+    assert torch.isfinite(grown.heads["smile"].classifier.weight).all()
