@@ -221,13 +221,18 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(config: dict[str, Any]):
-    """The study's row: CLIP's zero-shot model from the backbone, then the method applied (fp32)."""
+def build_model(config: dict[str, Any], base_model=None):
+    """
+    The study's row: CLIP's zero-shot model from the backbone (or `base_model`, e.g. random weights of the real
+    architecture for a benchmark), then the method applied (fp32).
+    """
     from softbio_hf import SoftBioModel
 
     method, loss = config["method"], config["loss"]
     if method["name"] == "zs" and config["model"]["pooling"] != "cls":
         raise ConfigError("method zs uses CLIP's own pooling (the class token): set model.pooling=cls.")
+    if base_model is not None:
+        return apply_configured_method(base_model, method, config["model"]["pooling"])
     try:
         model = SoftBioModel.from_clip(
             config["model"]["backbone"],
@@ -242,7 +247,12 @@ def build_model(config: dict[str, Any]):
             f"model.backbone={config['model']['backbone']!r} could not be loaded ({error}). Give a CLIP Hub id "
             "(needs the network or a cached copy) or a local folder holding a CLIP checkpoint with its tokenizer."
         ) from error
-    options: dict[str, Any] = {"pooling": config["model"]["pooling"]}
+    return apply_configured_method(model, method, config["model"]["pooling"])
+
+
+def apply_configured_method(model, method: dict[str, Any], pooling: str):
+    """The config's `method` section as an apply_method call; a bad option is a ConfigError."""
+    options: dict[str, Any] = {"pooling": pooling}
     if method["name"] == "ft":
         options["last_k"] = method["last_k"] or 4
     elif method["name"] in ("lora", "dora", "loraplus", "mtlora"):
@@ -379,7 +389,7 @@ class Run:
             raise ConfigError(f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE}).")
         return path
 
-    def setup(self) -> None:
+    def setup(self, base_model=None) -> None:
         import torch
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
@@ -416,12 +426,11 @@ class Run:
                 f"{self.accelerator.num_processes} processes."
             )
         set_seed(train["seed"])
-        self.model = build_model(self.config)
+        self.model = build_model(self.config, base_model)
         self.tasks = list(self.model.config.tasks)
         self.main = self.accelerator.is_main_process
 
     def prepare_training(self) -> None:
-        import torch
         from torch.utils.data import DataLoader
 
         from softbio_hf import image_processor_for
@@ -439,19 +448,28 @@ class Run:
             )
         if len(self.untrained) == len(self.tasks):
             raise TrainingError(f"no row of data.train={config['data']['train']} is labelled for any task.")
-        freeze_tasks(self.model, self.untrained)
         check_image_size(data, self.model.config.image_size)
         self.coverage = coverage
         collator = SoftBioCollator(
             image_processor_for(self.model.config), train=config["data"]["augment"], seed=train["seed"]
         )
-        self.loader = DataLoader(
+        loader = DataLoader(
             DrawnRows(data, training_draw(data, config)),
             batch_size=train["batch_size"],
             shuffle=False,
             collate_fn=collator,
             num_workers=config["data"]["num_workers"],
         )
+        self.loader = self.prepare_step(loader)
+        self.eval_sets = self.open_eval_sets(config["data"]["eval"], config["data"]["eval_split"])
+
+    def prepare_step(self, loader=None):
+        """What one training step needs: frozen untrained tasks, the speed switches, AdamW on optimizer_groups
+        with warmup + cosine, and accelerate's wrapping (also what bench/train.py times). Returns the loader."""
+        import torch
+
+        train = self.config["train"]
+        freeze_tasks(self.model, getattr(self, "untrained", []))
         if train["gradient_checkpointing"]:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         if train["bf16_base"]:  # frozen weights in bf16: half the memory and no per-step cast under autocast
@@ -465,8 +483,11 @@ class Run:
         self.optimizer = torch.optim.AdamW(groups)
         warmup, total = train["warmup_steps"], train["max_steps"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, self.loader)
-        self.eval_sets = self.open_eval_sets(config["data"]["eval"], config["data"]["eval_split"])
+        if loader is None:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            return None
+        self.model, self.optimizer, loader = self.accelerator.prepare(self.model, self.optimizer, loader)
+        return loader
 
     def open_eval_sets(self, paths: Sequence[str], split: str) -> dict[str, Any]:
         """Validation sets by dataset name; a folder without the split (one prepared before RAF-DB got its

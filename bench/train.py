@@ -1,0 +1,155 @@
+"""Training speed: one optimizer step per method through train.train's own step (Run.train_step), on random
+weights of the real architecture (no download), with images/s, peak memory, the ratio to the plain LoRA step
+and an approximate share of the physical limit.
+
+    python -m bench.train                                   # ViT-L/14@336, batch 64: for a GPU
+    python -m bench.train --tiny --device cpu --batch-size 8 --steps 2   # checks the script on a CPU
+    python -m bench.train --methods lora mtlora --json train.json
+
+The limit is the best matmul rate measured in this run (bench.speed) over the step's FLOPs per image, counted
+as the forward pass plus the backward work the method needs: none through a frozen backbone (lp), the last k
+blocks twice over (ft), activation gradients through every block (adapters; their own weights are tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+METHODS = ("lp", "ft4", "lora", "dora", "loraplus", "mtlora")
+TINY = {  # four blocks, so FT4 has its four
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+}
+# (setting name, config file, extra --set values): the study's rows, then the speed switches on LoRA.
+SWITCHES = (
+    ("lora + frozen weights in bf16", "lora", ["train.bf16_base=true"]),
+    ("lora + gradient checkpointing", "lora", ["train.gradient_checkpointing=true"]),
+)
+
+
+def step_flops(config, method: dict, forward: float) -> float:
+    layers = config.vision_config.num_hidden_layers
+    if method["name"] == "lp":
+        return forward
+    if method["name"] == "ft":
+        share = (method["last_k"] or 4) / layers
+        return forward * (1 + 2 * share)
+    return forward * 2  # adapters: gradients flow back through every block
+
+
+def one_row(name: str, config_name: str, extra: list[str], args, forward_flops: float, limit_peak: float) -> dict:
+    import torch
+
+    from bench.speed import peak_memory_gb, reset_peak_memory, synchronize
+    from softbio_hf import SoftBioConfig, SoftBioModel
+    from train.train import Run, load_config
+
+    with tempfile.TemporaryDirectory() as out:
+        settings = [
+            f"train.batch_size={args.batch_size}",
+            f"train.device={args.device or 'auto'}",
+            f"train.mixed_precision={args.mixed_precision}",
+            "data.train=[unused]",
+            f"output_dir={out}",
+            *extra,
+        ]
+        config = load_config(config_name, settings)
+        base = SoftBioModel(
+            SoftBioConfig(
+                vision_config=TINY if args.tiny else None,
+                pooling=config["model"]["pooling"],
+                loss_weighting=config["loss"]["weighting"],
+            )
+        )
+        run = Run(config)
+        run.setup(base)
+        run.prepare_step()
+        device = run.accelerator.device
+        size = run.core.config.image_size
+        generator = torch.Generator().manual_seed(0)
+        batch = {"pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)}
+        for task, labels in run.core.config.tasks.items():
+            batch[task] = torch.randint(0, len(labels), (args.batch_size,), generator=generator).to(device)
+        run.train_step([batch])  # warm-up (and compilation, where switched on)
+        synchronize(device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            run.train_step([batch])
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        images_per_s = args.steps * args.batch_size / seconds
+        limit = limit_peak / step_flops(run.core.config, config["method"], forward_flops)
+        return {
+            "setting": name,
+            "images_per_s": images_per_s,
+            "share_of_limit": images_per_s / limit,
+            "peak_mem_gb": peak_memory_gb(device),
+        }
+
+
+def run(args) -> dict:
+    import torch
+
+    from bench.speed import matmul_peak, resolve_device, vision_flops_per_image
+    from softbio_hf import SoftBioConfig
+
+    device = resolve_device(args.device)
+    forward = vision_flops_per_image(SoftBioConfig(vision_config=TINY if args.tiny else None))
+    fast = torch.bfloat16 if args.mixed_precision != "no" else torch.float32
+    peak = max(matmul_peak(dtype, device) for dtype in {torch.float32, fast})
+    switches = [s for s in SWITCHES if "lora" in args.methods]
+    if args.mixed_precision == "no":  # frozen bf16 weights need bf16 autocast
+        switches = [s for s in switches if "train.bf16_base=true" not in s[2]]
+    settings = [(name, name, []) for name in args.methods] + switches
+    rows = [one_row(name, config, extra, args, forward, peak) for name, config, extra in settings]
+    baseline = next((r["images_per_s"] for r in rows if r["setting"] == "lora"), rows[0]["images_per_s"])
+    for row in rows:
+        row["ratio_vs_baseline"] = row["images_per_s"] / baseline
+    return {
+        "device": str(device),
+        "backbone": "tiny" if args.tiny else "ViT-L/14@336 (random weights)",
+        "batch_size": args.batch_size,
+        "peak_gflop_per_s": peak / 1e9,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone (a quick check of the script)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="rows to measure")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default 5)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--mixed-precision", default="auto", help="auto, bf16 or no (as train.mixed_precision)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(f"{result['backbone']} on {result['device']}, batch {result['batch_size']}; matmul peak "
+          f"{result['peak_gflop_per_s']:,.0f} GFLOP/s")  # fmt: skip
+    print("| setting | images/s | share of limit (approx.) | vs lora | peak memory GB |\n|---|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        print(
+            f"| {row['setting']} | {row['images_per_s']:.2f} | {row['share_of_limit']:.0%} | "
+            f"{row['ratio_vs_baseline']:.2f}x | {row['peak_mem_gb']:.1f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
