@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.speed import markdown, run, vision_flops_per_image
 from softbio_hf import SoftBioConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_flops_formula_matches_the_vit_l_336_anchor():
@@ -35,16 +39,21 @@ def test_cuda_without_a_gpu_says_so():
 
 
 @pytest.mark.parametrize(
-    "module", ["train.data", "train.evaluate", "train.train", "train.hub", "bench.speed", "bench.parameters"]
-)
+    "module",
+    ["train.data", "train.evaluate", "train.train", "train.hub", "bench.speed", "bench.parameters", "bench.predict",
+     "bench.train", "app"],
+)  # fmt: skip
 def test_help_answers_without_heavy_imports(module):
     """--help parses before torch, transformers or datasets are imported (they take seconds)."""
     import subprocess
     import sys
 
+    run = f"runpy.run_path('{REPO / 'app.py'}', run_name='__main__')" if module == "app" else (
+        f"runpy.run_module('{module}', run_name='__main__')"
+    )  # fmt: skip
     code = (
         f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
-        f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        f"try:\n    {run}\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'gradio') if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
