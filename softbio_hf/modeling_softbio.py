@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -144,7 +145,8 @@ def init_adapter_parameters(module: nn.Module) -> None:
         module.reset_shared()
 
 
-def age_bin_bounds(labels) -> tuple[list[float], list[float]] | None:
+@functools.cache
+def age_bin_bounds(labels: tuple[str, ...]) -> tuple[list[float], list[float]] | None:
     """Inclusive year range of each age label ("20-29" -> 20..29, "70+" -> 70..inf); None if one does not parse."""
     lows, highs = [], []
     for label in labels:
@@ -163,7 +165,7 @@ def expected_age_years(age_probs: torch.Tensor, age_years, labels=None) -> torch
     a face read as "70+" with some weight on young bins is "about 70", not "about 38".
     """
     years = age_probs @ torch.as_tensor(age_years, dtype=age_probs.dtype, device=age_probs.device)
-    bounds = age_bin_bounds(labels) if labels is not None else None
+    bounds = age_bin_bounds(tuple(labels)) if labels is not None else None  # parsed once per label set
     if bounds is None:
         return years
     predicted = age_probs.argmax(dim=-1)

@@ -556,7 +556,7 @@ class Run:
         import torch
 
         accelerator, accum = self.accelerator, self.config["train"]["grad_accum"]
-        logged: dict[str, float] = {}
+        pending: dict[str, torch.Tensor] = {}  # logged values stay on the device: one transfer per step
         for micro, batch in enumerate(batches):
             targets = {task: batch[task] for task in self.tasks if task in batch}
             local = torch.stack([(targets[t] != -100).sum() for t in targets])
@@ -568,20 +568,21 @@ class Run:
                     logits, targets, counts, scale=accelerator.num_processes, complete_graph=True
                 )
                 accelerator.backward(loss / accum)
-            logged["loss"] = logged.get("loss", 0.0) + loss.item() / accum
+            pending["loss"] = pending.get("loss", 0.0) + loss.detach().float() / accum
             for task, value in task_losses.items():
                 name = f"loss/{task}"
-                logged[name] = logged.get(name, 0.0) + value.item() / accelerator.num_processes / accum
+                pending[name] = pending.get(name, 0.0) + value.detach().float() / accelerator.num_processes / accum
         if self.config["train"]["max_grad_norm"] and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(self.model.parameters(), self.config["train"]["max_grad_norm"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for group in self.optimizer.param_groups:
-            logged[f"lr/{group['name']}"] = group["lr"]
         if self.core.loss_weights is not None:
             for task, log_var in self.core.loss_weights.log_vars.items():
-                logged[f"task_weight/{task}"] = math.exp(-log_var.item())
+                pending[f"task_weight/{task}"] = torch.exp(-log_var.detach().float())
+        logged = dict(zip(pending, torch.stack(list(pending.values())).tolist(), strict=True))
+        for group in self.optimizer.param_groups:
+            logged[f"lr/{group['name']}"] = group["lr"]
         return logged
 
     def evaluate(self) -> float | None:
