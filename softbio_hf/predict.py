@@ -287,24 +287,36 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- run
+def load_model(spec: str):
+    """
+    What a command's --model names: a softbio checkpoint (folder or Hub id, in fp32) or `clip:ID_OR_FOLDER`, the
+    zero-shot model built from that CLIP checkpoint. Raises a ValueError that says what to pass instead.
+    """
+    from . import SoftBioModel
+
+    try:
+        if spec.startswith("clip:"):
+            return SoftBioModel.from_clip(spec.removeprefix("clip:"))
+        return SoftBioModel.from_pretrained(spec, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"--model {spec} could not be loaded: {error}. Pass a folder written by save_pretrained or "
+            "`python -m train.train` (its best/ folder), a softbio Hub id, or clip:ID_OR_FOLDER for the "
+            "zero-shot model."
+        ) from error
+
+
 def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
     from transformers import pipeline
 
-    from . import SoftBioModel  # registers the task
+    import softbio_hf  # noqa: F401 - registers the soft-biometrics task
 
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: this machine has no CUDA device; use --device cpu.")
     try:
-        loaded = (
-            SoftBioModel.from_clip(model.removeprefix("clip:"))
-            if model.startswith("clip:")
-            else SoftBioModel.from_pretrained(model, dtype=torch.float32)
-        )
-    except (OSError, ValueError) as error:
-        raise PredictError(
-            f"--model {model} could not be loaded ({error}). Pass a softbio checkpoint (folder or Hub id) or "
-            "clip:ID_OR_FOLDER for the zero-shot model."
-        ) from error
+        loaded = load_model(model)
+    except ValueError as error:
+        raise PredictError(str(error)) from error
     pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device)
     try:
         pipe.detector(detector)  # built once here, so a bad name fails before any work

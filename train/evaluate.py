@@ -468,21 +468,12 @@ def dataset_name(data, path: Path, taken: set[str]) -> str:
 
 def load_model(spec: str, *, device: str, dtype):
     """A softbio checkpoint (folder or Hub id), or `clip:ID_OR_FOLDER`: the zero-shot model built by from_clip."""
-    import torch
-
-    from softbio_hf import SoftBioModel
+    from softbio_hf.predict import load_model as load_named_model  # the one reading of --model
 
     try:
-        if spec.startswith("clip:"):
-            model = SoftBioModel.from_clip(spec[len("clip:") :])
-        else:
-            model = SoftBioModel.from_pretrained(spec, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise EvaluationError(
-            f"--model {spec} could not be loaded: {error}. Pass a folder written by save_pretrained or "
-            "`python -m train.train` (its best/ folder), a softbio Hub id, or clip:ID_OR_FOLDER for the "
-            "zero-shot model."
-        ) from error
+        model = load_named_model(spec)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from error
     return model.to(device=device, dtype=dtype).eval()
 
 
