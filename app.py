@@ -4,16 +4,21 @@ python app.py                       # zero-shot model from CLIP ViT-L/14@336, bu
 python app.py --model DIR_OR_REPO   # a softbio checkpoint, or a CLIP one (its zero-shot model); or SOFTBIO_MODEL
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: gradio finds the `gr.Request` parameter by its evaluated annotation.
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
 import logging
 import os
+import secrets
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +50,8 @@ of prompts such as "a photo of a smiling face", so no face data trained it. Fine
   (UTKFace, FairFace, RAF-DB) are imbalanced: few children under 3 and few people over 70, few fearful
   or disgusted faces. Expect more errors on under-represented groups.
 - Do not use it to make decisions about people (access, hiring, policing, age verification).
-- Uploaded images are analysed in memory; the server's upload cache is emptied of photos older than two
-  minutes, every minute. Nothing is stored.
+- Uploaded images are analysed in memory, only for the browser that sent them; the server's upload cache is
+  emptied of photos older than two minutes, every minute. Nothing is stored.
 """
 
 
@@ -158,12 +163,12 @@ def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshol
         raise gr.Error(message, print_exception=False) from None
 
 
-def read_upload(path: str | None) -> tuple[bytes, str]:
+def read_upload(path: str | None, requester: str, owners: "UploadOwners") -> tuple[bytes, str]:
     """
-    The upload's bytes, read into memory. Nothing is deleted here: gradio keeps uploads under a hash of their
-    content, so the same photo sent twice, or by two people at once, is one file, and deleting it would break the
-    other request. Gradio's cache is emptied of old uploads instead (delete_cache in build_demo). Only files in
-    gradio's upload folder are read.
+    The upload's bytes, read into memory, if `requester` uploaded it (or it is a public example). Nothing is
+    deleted here: gradio keeps uploads under a hash of their content, so the same photo sent twice, or by two
+    people at once, is one file, and deleting it would break the other request. Gradio's cache is emptied of old
+    uploads instead (delete_cache in build_demo).
     """
     import gradio as gr
     from gradio.utils import get_upload_folder
@@ -172,14 +177,132 @@ def read_upload(path: str | None) -> tuple[bytes, str]:
         raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.", print_exception=False)
     file = Path(path)
     uploads = Path(get_upload_folder()).resolve()
-    if file.is_symlink() or not file.resolve().is_relative_to(uploads) or not file.is_file():
+    if file.is_symlink() or not file.resolve().is_relative_to(uploads):
         logger.warning("refused a path outside the uploads: %s", path)
         raise gr.Error("That file is not an upload of this demo: upload the photo itself.", print_exception=False)
+    if not file.is_file():
+        message = f"The upload is gone (uploads are kept {CACHE_SWEEP[1]} s at most): upload the photo again."
+        raise gr.Error(message, print_exception=False)
     with file.open("rb") as handle:
         data = handle.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise gr.Error(f"The photo is over {MAX_UPLOAD}: downscale it first.", print_exception=False)
+    if not owners.owns(requester, file, data):
+        logger.warning(
+            "refused %s: uploaded by another requester (this one known by %s)", file.name, requester.split(":")[0]
+        )
+        raise gr.Error("That file is not an upload of yours: upload the photo itself.", print_exception=False)
     return data, repr(file.name)
+
+
+# ---------------------------------------------------------------------------------------- upload owners
+UPLOADER_COOKIE = "softbio_uploader"
+
+
+def requester_key(cookies: Mapping[str, str], host: str | None) -> str:
+    """Who is asking: the browser or client holding our cookie, else (a caller that keeps no cookies) its address."""
+    token = cookies.get(UPLOADER_COOKIE, "")
+    if 16 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum():
+        return f"cookie:{token}"
+    return f"address:{host or 'unknown'}"
+
+
+class UploadOwners:
+    """
+    Which requester uploaded which file. Gradio names an upload by a hash of its content and reads any upload
+    whose path a caller names, whoever uploaded it; the demo analyses only files the caller uploaded itself, or
+    the public examples (which anyone may use, matched by content). Records expire with gradio's upload cache.
+    """
+
+    def __init__(self, max_age_s: float, examples: Iterable[Path] = (), max_requesters: int = 10_000):
+        self.max_age_s = max_age_s
+        self.max_requesters = max_requesters
+        self.example_digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in examples}
+        self._uploads: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, requester: str, paths: Iterable[str]) -> None:
+        expiry = time.monotonic() + self.max_age_s
+        with self._lock:
+            uploads = self._uploads.pop(requester, {})
+            uploads.update({str(Path(path).resolve()): expiry for path in paths})
+            self._uploads[requester] = uploads  # most recent last: the oldest requester is dropped first
+            while len(self._uploads) > self.max_requesters:
+                self._uploads.popitem(last=False)
+
+    def owns(self, requester: str, path: Path, data: bytes) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            uploads = self._uploads.get(requester, {})
+            for name in [name for name, expiry in uploads.items() if expiry < now]:
+                del uploads[name]
+            if str(path.resolve()) in uploads:
+                return True
+        return hashlib.sha256(data).hexdigest() in self.example_digests
+
+
+class RecordUploads:
+    """
+    ASGI middleware: gives each browser or client a random cookie, and records the paths that gradio's upload
+    route answers with under the requester who sent them, before the answer leaves (so no later call can come
+    first).
+    """
+
+    def __init__(self, app, owners: UploadOwners):
+        self.app = app
+        self.owners = owners
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.requests import Request
+
+        request = Request(scope)
+        requester = requester_key(request.cookies, request.client.host if request.client else None)
+        new_token = None if requester.startswith("cookie:") else secrets.token_urlsafe(24)
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload")
+        status, body = 0, bytearray()
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if new_token:
+                    cookie = f"{UPLOADER_COOKIE}={new_token}; Path=/; HttpOnly; SameSite=Lax"
+                    message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            elif is_upload and message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+                if not message.get("more_body", False) and status == 200:
+                    paths = uploaded_paths(bytes(body))
+                    self.owners.record(requester, paths)
+                    if new_token:  # a caller that keeps the cookie from this answer on owns the upload too
+                        self.owners.record(f"cookie:{new_token}", paths)
+            await send(message)
+
+        await self.app(scope, receive, send_and_record)
+
+
+def uploaded_paths(body: bytes) -> list[str]:
+    """The paths in gradio's answer to an upload: a JSON list of strings."""
+    try:
+        paths = json.loads(body)
+    except ValueError:
+        return []
+    return [path for path in paths if isinstance(path, str)] if isinstance(paths, list) else []
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 `data:` URL (a webcam frame), capped like an upload."""
+    import gradio as gr
+
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64") or len(payload) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise gr.Error(f"A webcam frame must be a base64 image under {MAX_UPLOAD}.", print_exception=False)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise gr.Error("The webcam frame is not valid base64.", print_exception=False) from None
 
 
 def short_label(face: dict[str, Any]) -> str:
@@ -268,23 +391,37 @@ CSS = """
 
 
 # ------------------------------------------------------------------------------------------------- page
-def build_demo(pipe, model_name: str):
+def example_files() -> list[Path]:
+    return sorted(EXAMPLES_DIR.glob("*.jpg"))
+
+
+def requester_of(request) -> str:
+    return requester_key(dict(request.cookies or {}), request.client.host if request.client else None)
+
+
+def build_demo(pipe, model_name: str, owners: UploadOwners):
     import gradio as gr
 
-    def analyze_upload(path, detector, threshold):
-        data, name = read_upload(path)
+    def analyze_upload(path, detector, threshold, request: gr.Request):
+        data, name = read_upload(path, requester_of(request), owners)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces), faces
 
-    def analyze_frame(frame, detector, threshold):
-        if frame is None:
+    def analyze_frame(frame, detector, threshold, request: gr.Request):
+        # Unprocessed (preprocess=False), so that a frame sent as a file is read only if this requester sent it.
+        if not frame:
             return ""
-        faces = pipe(frame, detector=detector, threshold=threshold or None)
-        return result_html(annotate(frame, faces), faces)
+        url = frame.get("url") or ""
+        if url.startswith("data:"):
+            data, name = data_url_bytes(url), "webcam frame"
+        else:
+            data, name = read_upload(frame.get("path"), requester_of(request), owners)
+        rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
+        return result_html(annotate(rgb, faces), faces)
 
-    def analyze_api(path, detector="auto", threshold=0.0):
+    def analyze_api(path, detector="auto", threshold=0.0, request: gr.Request = None):
         """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
-        data, name = read_upload(path)
+        data, name = read_upload(path, requester_of(request), owners)
         return analyze_bytes(pipe, data, name, detector or "auto", threshold)[1]
 
     with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=CACHE_SWEEP) as demo:
@@ -297,9 +434,9 @@ def build_demo(pipe, model_name: str):
                 with gr.Tab("Photo"):
                     photo = gr.Image(label="Photo", type="filepath", sources=["upload", "clipboard"], elem_id="photo")
                     run = gr.Button("Analyze", variant="primary", elem_id="analyze")
-                    example_files = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
-                    if example_files:
-                        gr.Examples(examples=example_files, inputs=photo, label="Public-domain examples")
+                    examples = [str(path) for path in example_files()]
+                    if examples:
+                        gr.Examples(examples=examples, inputs=photo, label="Public-domain examples")
                 with gr.Tab("Webcam (live)"):
                     webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Face detector")
@@ -320,6 +457,7 @@ def build_demo(pipe, model_name: str):
             [result],
             stream_every=0.5,
             time_limit=120,
+            preprocess=False,
             api_visibility="private",
         )
         # The API endpoint: a file in, the pipeline's JSON out (gradio_client: api_name="/analyze").
@@ -372,11 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     except ModelUnavailable as error:
         print(f"softbio: {error}", file=sys.stderr)
         return 2
-    demo = build_demo(build_pipeline(model), name)
+    from starlette.middleware import Middleware
+
+    owners = UploadOwners(max_age_s=sum(CACHE_SWEEP), examples=example_files())  # gradio's sweep is gone by then
+    demo = build_demo(build_pipeline(model), name, owners)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     try:
         # show_error=False: an unexpected exception's text (paths, library internals) never reaches a client
-        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, css=CSS, show_error=False)
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            max_file_size=MAX_UPLOAD,
+            css=CSS,
+            show_error=False,
+            app_kwargs={"middleware": [Middleware(RecordUploads, owners=owners)]},
+        )
     except OSError as error:  # gradio's own advice is to change launch(): here it is an option
         print(
             f"softbio: could not serve on {args.host}:{args.port} ({error}). Pass another port with --port, "

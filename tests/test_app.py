@@ -104,20 +104,92 @@ def test_a_crafted_path_outside_the_uploads_is_refused_and_left_alone(app, tmp_p
     assert secret.is_file()
 
 
-def raw_api_call(url: str, endpoint: str, data: list) -> str:
+def raw_api_call(url: str, endpoint: str, data: list, cookie: str | None = None) -> str:
     """The HTTP API without gradio_client: a payload exactly as sent, and the event stream that answers it."""
     import json
     import urllib.request
 
+    headers = {"Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})}
     request = urllib.request.Request(
-        f"{url}gradio_api/call/{endpoint}",
-        data=json.dumps({"data": data}).encode(),
-        headers={"Content-Type": "application/json"},
+        f"{url}gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(), headers=headers
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         event_id = json.loads(response.read())["event_id"]
-    with urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as response:
+    stream = urllib.request.Request(f"{url}gradio_api/call/{endpoint}/{event_id}", headers=headers)
+    with urllib.request.urlopen(stream, timeout=60) as response:
         return response.read().decode()
+
+
+def raw_upload(url: str, path: Path, cookie: str | None = None) -> tuple[str, str | None]:
+    """POST one file to gradio's upload route as a browser form would: its server path, and any cookie set."""
+    import json
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", **({"Cookie": cookie} if cookie else {})}
+    request = urllib.request.Request(f"{url}gradio_api/upload", data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        set_cookie = response.headers.get("Set-Cookie")
+        return json.loads(response.read())[0], set_cookie.split(";")[0] if set_cookie else None
+
+
+def page_cookie(url: str) -> str:
+    """The cookie the demo gives a new browser with its page."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.headers["Set-Cookie"].split(";")[0]
+
+
+def file_data(path: str) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
+
+
+@pytest.fixture(scope="module")
+def app_keeping_uploads(tmp_path_factory):
+    """The app with gradio's default upload sweep (minutes): an upload outlives the test that makes it."""
+    root = tmp_path_factory.mktemp("app-keeping")
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    model.save_pretrained(root / "ckpt")
+    with running_app(REPO / "app.py", root / "ckpt", root) as served:
+        yield served
+
+
+def test_a_crafted_call_naming_another_clients_upload_is_refused_and_the_file_kept(app_keeping_uploads, tmp_path):
+    url = app_keeping_uploads["url"]
+    private = tmp_path / "private-photo-31c9.jpg"
+    Image.open(REPO / "examples" / "astronaut.jpg").save(private, quality=85)
+    owner_cookie = page_cookie(url)  # a browser: the page first, then the upload
+    assert owner_cookie.startswith("softbio_uploader=")
+    owner_path, cookie_set = raw_upload(url, private, cookie=owner_cookie)
+    assert cookie_set is None  # a requester keeps its cookie
+    assert '"box"' in raw_api_call(url, "analyze", [file_data(owner_path), "haar", 0], cookie=owner_cookie)
+
+    for cookie in (page_cookie(url), None):  # another browser, and a caller without cookies (known by address)
+        answer = raw_api_call(url, "analyze", [file_data(owner_path), "haar", 0], cookie=cookie)
+        assert "event: error" in answer and "not an upload of yours" in answer and '"box"' not in answer
+    assert Path(owner_path).is_file()
+    assert '"box"' in raw_api_call(url, "analyze", [file_data(owner_path), "haar", 0], cookie=owner_cookie)
+    log = app_keeping_uploads["log"].read_text()
+    assert "refused private-photo-31c9.jpg: uploaded by another requester (this one known by address)" in log
+
+
+def test_a_caller_that_keeps_no_cookies_can_analyse_its_own_upload(app_keeping_uploads, tmp_path):
+    url = app_keeping_uploads["url"]
+    private = tmp_path / "cookieless-5e1d.jpg"
+    Image.open(REPO / "examples" / "grace_hopper.jpg").save(private, quality=85)
+    path, _ = raw_upload(url, private)
+    assert '"box"' in raw_api_call(url, "analyze", [file_data(path), "haar", 0])
 
 
 def test_offline_without_a_model_says_what_to_pass(tmp_path):
@@ -164,10 +236,17 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--use-fake-device-for-media-stream",  # a synthetic camera: a test pattern, no face
+                "--use-fake-ui-for-media-stream",
+            ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page = browser.new_page(viewport={"width": 1400, "height": 1100}, permissions=["camera"])
             page.goto(app["url"], wait_until="load")
             page.wait_for_selector("#analyze", timeout=60_000)
             assert "Model in use" in page.content()
@@ -202,6 +281,18 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.wait_for_timeout(500)
             page.click("#analyze")
             page.wait_for_selector("text=truncated or corrupt", timeout=60_000)
+
+            # The live webcam: its frames reach the analysis (the fake camera's pattern has no face in it).
+            before = page.get_attribute("#sb-result img", "src")
+            page.get_by_role("tab", name="Webcam (live)").click()
+            page.get_by_text("Click to Access Webcam").click()
+            page.get_by_label("capture photo").click()
+            page.wait_for_function(
+                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
+                arg=before,
+                timeout=60_000,
+            )
+            assert "No face found" in page.inner_text("#sb-result")
         finally:
             browser.close()
 

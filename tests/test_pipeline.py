@@ -112,6 +112,34 @@ def test_batch_size_does_not_change_results(pipe):
                     assert score == pytest.approx(b[task]["scores"][label], abs=1e-3)
 
 
+def test_the_compiled_pipeline_gives_the_plain_results_and_compiles_once(tiny_saved):
+    from torch._dynamo.utils import counters
+
+    plain = pipeline("soft-biometrics", model=SoftBioModel.from_pretrained(tiny_saved), dtype="float32")
+    compiled = pipeline(
+        "soft-biometrics", model=SoftBioModel.from_pretrained(tiny_saved), dtype="float32", compile=True, batch_size=3
+    )
+    assert compiled.compiled_batch_size == 3 and compiled.compile_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    images = [astronaut(), tiled_faces(), lfw_patch(150), grace_hopper()]  # 1, 4, 0 and 1 faces
+    for batch_size in (1, 3, 8):  # batches of 1 to 6 crops: padded or split to the compiled 3, never recompiled
+        expected, got = (
+            plain(images, detector="haar", batch_size=batch_size),
+            compiled(images, detector="haar", batch_size=batch_size),
+        )
+        assert [len(r) for r in got] == [1, 4, 0, 1]
+        for faces_plain, faces_compiled in zip(expected, got, strict=True):
+            for a, b in zip(faces_plain, faces_compiled, strict=True):
+                assert a["box"] == b["box"]
+                for task in ("age", "gender", "emotion"):
+                    assert a[task]["label"] == b[task]["label"]
+                    for label, score in a[task]["scores"].items():
+                        assert score == pytest.approx(b[task]["scores"][label], abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs
+    with pytest.raises(ValueError, match="positive number of face crops"):
+        compiled.compile(batch_size=0)
+
+
 def test_detector_none_and_top_k(pipe):
     faces = pipe(grace_hopper(), detector="none", top_k=2)
     assert len(faces) == 1
