@@ -335,6 +335,7 @@ def predict(
     num_workers: int = 2,
     device: str | None = None,
     dtype: str = "auto",
+    compile: bool = False,
     limit: int | None = None,
     probabilities: bool = False,
     resume: bool = False,
@@ -357,6 +358,10 @@ def predict(
     state.wait_for_everyone()
     sources = expand_inputs(inputs, limit)
     pipe = load_pipeline(model, device or str(state.device), dtype, detector)
+    if compile:
+        seconds = pipe.compile(batch_size)
+        if state.is_main_process:
+            print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
     tasks = pipe.model.config.tasks
     names = columns(tasks, probabilities)
     parts = parts_folder(out)
@@ -434,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32, bfloat16")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first (inductor, frozen weights): faster passes after a one-off compilation "
+        "of about 20 s on a CPU for ViT-L/14@336; worth it from a few dozen photos",
+    )
     parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -454,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             device=args.device,
             dtype=args.dtype,
+            compile=args.compile,
             limit=args.limit,
             probabilities=args.probabilities,
             resume=args.resume,

@@ -104,6 +104,23 @@ def test_formats_hold_the_same_rows(photos, model_dir, tmp_path):
     assert "emotion_prob_happy" in as_csv[0]
 
 
+def test_compile_gives_the_same_rows(photos, model_dir, tmp_path, capsys):
+    inputs = [photos / "real"]
+    run(inputs, model_dir, tmp_path / "plain.jsonl", probabilities=True)
+    run(inputs, model_dir, tmp_path / "compiled.jsonl", probabilities=True, compile=True)
+    assert "compiled the model for batches of 4" in capsys.readouterr().err
+    plain, compiled = (
+        [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        for name in ("plain.jsonl", "compiled.jsonl")
+    )
+    assert len(plain) == len(compiled) == 2
+    for a, b in zip(plain, compiled, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():  # labels and boxes equal, probabilities within float tolerance
+            tolerance = 0.11 if key == "age_years" else 1e-3  # years are rounded to 0.1
+            assert b[key] == (pytest.approx(value, abs=tolerance) if isinstance(value, float) else value), key
+
+
 def test_an_interrupted_run_resumes_to_the_same_table(photos, model_dir, tmp_path):
     run([photos], model_dir, tmp_path / "straight.csv")
 
