@@ -141,6 +141,15 @@ def build_pipeline(model):
     return pipeline("soft-biometrics", model=model, dtype="auto")
 
 
+def compile_for_serving(pipe) -> None:
+    """Compile once at start-up, so no visitor waits for it; if it cannot (no C++ compiler, say), serve plain."""
+    logger.info("compiling the model for this machine (once per start; --no-compile skips it)")
+    try:
+        logger.info("compiled in %.1f s", pipe.compile(batch_size=1))
+    except Exception as error:
+        logger.warning("could not compile the model (%s: %s); serving it uncompiled", type(error).__name__, error)
+
+
 # --------------------------------------------------------------------------------------------- analysis
 def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshold: float | None = None):
     """
@@ -499,6 +508,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     parser.add_argument("--concurrency", type=int, default=1, help="requests analysed at once (default 1)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("SOFTBIO_COMPILE", "1") != "0",
+        help="torch.compile the model at start-up, before serving (default on; env SOFTBIO_COMPILE=0 turns it "
+        "off): each photo is then about 15%% faster on a CPU, for about 20 s more start-up with ViT-L/14@336 "
+        "(less when inductor's on-disk cache holds the graph from an earlier start)",
+    )
     return parser.parse_args(argv)
 
 
@@ -513,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     from starlette.middleware import Middleware
 
     owners = UploadOwners(max_age_s=sum(CACHE_SWEEP), examples=example_files())  # gradio's sweep is gone by then
-    demo = build_demo(build_pipeline(model), name, owners)
+    pipe = build_pipeline(model)
+    if args.compile:
+        compile_for_serving(pipe)
+    demo = build_demo(pipe, name, owners)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     try:
         # show_error=False: an unexpected exception's text (paths, library internals) never reaches a client

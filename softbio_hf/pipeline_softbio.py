@@ -277,7 +277,11 @@ class SoftBiometricsPipeline(ChunkPipeline):
         self.compiled_batch_size = batch_size
         size = self.model.config.image_size
         start = time.perf_counter()
-        self.classify(torch.zeros(batch_size, 3, size, size))
+        try:
+            self.classify(torch.zeros(batch_size, 3, size, size))
+        except Exception:  # e.g. no C++ compiler for inductor: the plain path stays in use
+            self._compiled, self.compiled_batch_size = None, None
+            raise
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
 

@@ -34,6 +34,7 @@ def app(tmp_path_factory):
 
 
 def test_api_analyze_returns_the_astronaut_face(app):
+    assert "softbio.app INFO compiled in" in app["log"].read_text()  # compiled before serving, by default
     client = Client(app["url"], verbose=False)
     faces = client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", 0, api_name="/analyze")
     assert len(faces) == 1
@@ -161,7 +162,7 @@ def app_keeping_uploads(tmp_path_factory):
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
     model.save_pretrained(root / "ckpt")
-    with running_app(REPO / "app.py", root / "ckpt", root) as served:
+    with running_app(REPO / "app.py", root / "ckpt", root, env={"SOFTBIO_COMPILE": "0"}) as served:
         yield served
 
 
@@ -341,7 +342,7 @@ def test_an_unreachable_hub_fails_at_once_and_says_what_to_pass(tmp_path):
 
 def test_a_busy_port_says_to_use_another_one(app, tmp_path):
     port = app["url"].rsplit(":", 1)[1].strip("/")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SOFTBIO_COMPILE": "0"}
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--model", str(app["root"] / "ckpt"), "--port", port],
         cwd=REPO,
