@@ -27,6 +27,8 @@ TINY = {
     "image_size": 64,
     "patch_size": 8,
 }
+NAIVE = "naive: fp32, eager attention, one image at a time"
+PHOTO = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"  # one face
 PEAK_TRIALS = 5
 PEAK_SECONDS = 0.5  # each trial runs matmuls for at least this long: one short matmul is too noisy to divide by
 
@@ -71,17 +73,35 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def images_per_second(model, images, batch_size: int, device) -> float:
+def images_per_second(forward, images, batch_size: int, device) -> tuple[float, dict]:
+    """Images/s of `forward` (a batch in, logits per task out) over `images` in batches, after one warm-up
+    batch; and the probabilities it gave every image (for the agreement with the fp32 path)."""
     import torch
 
     with torch.inference_mode():
-        model(images[:batch_size].to(device, model.dtype))  # warm-up
+        forward(images[:batch_size])  # warm-up
         synchronize(device)
         start = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size].to(device, model.dtype))
+        logits = [forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         synchronize(device)
-    return len(images) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+    return len(images) / seconds, {t: torch.cat([b[t] for b in logits]).float().softmax(-1).cpu() for t in logits[0]}
+
+
+def halving_on_oom(measure, batch_size: int):
+    """`measure(batch_size)`, and again at half the batch while it does not fit in memory (saying so)."""
+    import torch
+
+    while True:
+        try:
+            return measure(batch_size), batch_size
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            print(f"batch {batch_size} does not fit in memory: retrying with {batch_size // 2}", file=sys.stderr)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch_size //= 2
 
 
 def reset_peak_memory(device) -> None:
@@ -129,61 +149,174 @@ def resolve_device(name: str | None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run(tiny: bool = False, images: int = 8, batch_size: int = 8, device: str | None = None) -> dict:
+def resolve_fast_dtype(name: str, device):
+    """Our path's dtype: auto (bf16 where the hardware runs it natively), or one the device supports."""
     import torch
 
-    from softbio_hf import SoftBioConfig
     from softbio_hf.pipeline_softbio import resolve_dtype
 
+    supported = ("auto", "bfloat16", "float16", "float32") if device.type == "cuda" else ("auto", "bfloat16", "float32")
+    if name not in supported:
+        raise SystemExit(f"error: --dtype {name!r} on {device.type}: use one of {', '.join(supported)}.")
+    return resolve_dtype(name, device) if name == "auto" else getattr(torch, name)
+
+
+def short(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def agreement(reference: dict, other: dict) -> dict:
+    """Share of (image, task) pairs with the fp32 path's top label, and the largest probability difference."""
+    import torch
+
+    same = torch.cat([(reference[t].argmax(-1) == other[t].argmax(-1)).float() for t in reference])
+    gap = max(float((reference[t] - other[t]).abs().max()) for t in reference)
+    return {"top_label_agreement": float(same.mean()), "max_prob_diff": gap}
+
+
+def pipeline_photos_per_second(pipe, photo, count: int) -> float:
+    """Photos/s of the whole pipeline on a photo of one face: detection, crop, preprocessing, model, results."""
+    pipe(photo)  # warm-up: the detector, and the model's first pass
+    start = time.perf_counter()
+    for _ in range(count):
+        if len(pipe(photo)) != 1:
+            raise SystemExit(f"error: {PHOTO} should give exactly one face to the benchmark.")
+    return count / (time.perf_counter() - start)
+
+
+class Table:
+    """Rows measured one after another; each row's ratio is against a named baseline row of the same run."""
+
+    def __init__(self, device, limit: float):
+        self.device, self.limit = device, limit
+        self.rows: list[dict] = []
+        self.probs: dict[str, dict] = {}
+
+    def speed_of(self, setting: str) -> float:
+        return next(row["images_per_s"] for row in self.rows if row["setting"] == setting)
+
+    def add(self, setting: str, measure, batch: int = 1, baseline: str | None = None, reference: str | None = None):
+        """`measure(batch)` gives images/s (and probabilities, or None); `{batch}` in the name is the batch that
+        fitted. Returns the row's final name."""
+        reset_peak_memory(self.device)
+        (speed, probs), used = halving_on_oom(measure, batch)
+        setting = setting.format(batch=used)
+        row = {
+            "setting": setting,
+            "images_per_s": speed,
+            "share_of_limit": speed / self.limit,
+            "ratio_vs_baseline": speed / self.speed_of(baseline) if baseline else 1.0,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "baseline": baseline or setting,
+        }
+        if probs is not None:
+            self.probs[setting] = probs
+            if reference:
+                row.update(agreement(self.probs[reference], probs))
+        self.rows.append(row)
+        return setting
+
+
+def run(
+    tiny: bool = False,
+    images: int = 8,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "auto",
+    compile: bool = True,
+    photos: int = 4,
+) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import pipeline
+
+    from softbio_hf import SoftBioConfig
+
     device = resolve_device(device)
+    fast = resolve_fast_dtype(dtype, device)
     vision = {"model_type": "clip_vision_model", **TINY} if tiny else None
     config = SoftBioConfig(vision_config=vision, projection_dim=32 if tiny else 768)
-    fast_dtype = resolve_dtype("auto", device)
-    pixels = torch.randn(images, 3, config.image_size, config.image_size)
+    pixels = torch.randn(images, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    photo = np.asarray(Image.open(PHOTO).convert("RGB"))
     flops = vision_flops_per_image(config)
-    peaks = {str(dtype).removeprefix("torch."): matmul_peak(dtype, device) for dtype in {torch.float32, fast_dtype}}
-    limit = max(peaks.values()) / flops
-    rows = []
-    for name, attention, dtype, batch in (
-        ("naive: fp32, eager attention, one image at a time", "eager", torch.float32, 1),
-        (f"ours: {str(fast_dtype).removeprefix('torch.')}, SDPA, batch {batch_size}", "sdpa", fast_dtype, batch_size),
-    ):
-        reset_peak_memory(device)
-        model = build(config, attention, dtype, device)
-        speed = images_per_second(model, pixels, batch, device)
-        rows.append(
-            {
-                "setting": name,
-                "images_per_s": speed,
-                "share_of_limit": speed / limit,
-                "ratio_vs_baseline": speed / rows[0]["images_per_s"] if rows else 1.0,
-                "peak_mem_gb": peak_memory_gb(device),
-            }
+    peaks = {short(d): matmul_peak(d, device) for d in {torch.float32, fast}}
+    table = Table(device, max(peaks.values()) / flops)
+
+    def model_measure(model, forward):
+        return lambda size: images_per_second(forward, pixels.to(device, model.dtype), size, device)
+
+    def naive_rows() -> tuple[str, str]:  # a function, so the fp32 model is freed before our rows' memory
+        naive = build(config, "eager", torch.float32, device)
+        model_row = table.add(NAIVE, model_measure(naive, lambda x: naive(pixel_values=x).logits))
+        naive_pipe = pipeline("soft-biometrics", model=naive, device=device, dtype="float32")
+        pipeline_row = table.add(
+            "pipeline, naive: fp32, eager attention (photo of one face, detection included)",
+            lambda _: (pipeline_photos_per_second(naive_pipe, photo, photos), None),
         )
-        del model
+        return model_row, pipeline_row
+
+    naive_row, naive_pipeline = naive_rows()
+
+    ours = build(config, "sdpa", fast, device)
+    table.add(
+        f"ours: {short(fast)}, SDPA, batch {{batch}}",
+        model_measure(ours, lambda x: ours(pixel_values=x).logits),
+        batch_size,
+        naive_row,
+        naive_row,
+    )
+    compile_seconds: dict[str, float] = {}
+    if compile:
+        pipe = pipeline("soft-biometrics", model=ours, device=device, dtype=fast)
+
+        def compiled(x):  # the pipeline's own compiled path, compiled for the batch being measured
+            if pipe.compiled_batch_size != len(x):
+                compile_seconds[f"batch {len(x)}"] = pipe.compile(len(x))
+            return pipe.classify(x)
+
+        table.add(
+            f"ours compiled: {short(fast)}, SDPA, torch.compile (frozen weights), batch {{batch}}",
+            model_measure(ours, compiled),
+            batch_size,
+            naive_row,
+            naive_row,
+        )
+        compile_seconds["batch 1"] = pipe.compile(1)  # the pipeline passes one face of one photo at a time
+        table.add(
+            f"pipeline, ours: {short(fast)}, SDPA, compiled (photo of one face, detection included)",
+            lambda _: (pipeline_photos_per_second(pipe, photo, photos), None),
+            baseline=naive_pipeline,
+        )
     return {
         "device": str(device),
         "backbone": "tiny" if tiny else "ViT-L/14@336 (random weights)",
         "gflop_per_image": flops / 1e9,
-        "peak_gflop_per_s": {dtype: peak / 1e9 for dtype, peak in peaks.items()},
-        "limit_images_per_s": limit,
-        "rows": rows,
+        "peak_gflop_per_s": {d: peak / 1e9 for d, peak in peaks.items()},
+        "limit_images_per_s": table.limit,
+        "compile_seconds": compile_seconds,
+        "rows": table.rows,
     }
 
 
 def markdown(result: dict) -> str:
     peaks = ", ".join(f"{dtype} {value:,.0f}" for dtype, value in result["peak_gflop_per_s"].items())
+    compiled = ", ".join(f"{k} {v:.1f} s" for k, v in result["compile_seconds"].items()) or "not measured"
     lines = [
         f"{result['backbone']} on {result['device']}, {result['gflop_per_image']:.1f} GFLOP per image; matmul peak "
-        f"GFLOP/s {peaks}; limit {result['limit_images_per_s']:.3f} images/s",
+        f"GFLOP/s {peaks}; limit {result['limit_images_per_s']:.3f} images/s; compilation {compiled}",
         "",
-        "| setting | images/s | share of limit | vs naive | peak memory GB |",
-        "|---|---:|---:|---:|---:|",
+        "| setting | images/s | s per image | share of limit | vs naive | same top label as fp32 | largest prob. "
+        "difference | peak memory GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
+        agree = f"{row['top_label_agreement']:.0%}" if "top_label_agreement" in row else ""
+        gap = f"{row['max_prob_diff']:.4f}" if "max_prob_diff" in row else ""
         lines.append(
-            f"| {row['setting']} | {row['images_per_s']:.3f} | {row['share_of_limit']:.0%} | "
-            f"{row['ratio_vs_baseline']:.2f}x | {row['peak_mem_gb']:.1f} |"
+            f"| {row['setting']} | {row['images_per_s']:.3f} | {1 / row['images_per_s']:.3f} | "
+            f"{row['share_of_limit']:.0%} | {row['ratio_vs_baseline']:.2f}x | {agree} | {gap} | "
+            f"{row['peak_mem_gb']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -193,12 +326,21 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tiny", action="store_true", help="tiny backbone (a quick check of the script)")
-    parser.add_argument("--images", type=int, default=8, help="images per setting (default 8)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of our path (default 8)")
+    parser.add_argument("--images", type=int, default=8, help="images per model row (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of our model rows (default 8)")
+    parser.add_argument("--photos", type=int, default=4, help="timed photos per pipeline row (default 4)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", default="auto", help="our rows' dtype: auto (bf16 where native), bfloat16, float32; float16 on cuda"
+    )
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled rows (each compiles for ~20 s)"
+    )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
-    result = run(args.tiny, args.images, args.batch_size, args.device)
+    if min(args.images, args.batch_size, args.photos) < 1:
+        parser.error("--images, --batch-size and --photos must be at least 1")
+    result = run(args.tiny, args.images, args.batch_size, args.device, args.dtype, args.compile, args.photos)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:

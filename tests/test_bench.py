@@ -17,16 +17,73 @@ def test_flops_formula_matches_the_vit_l_336_anchor():
 
 
 def test_speed_bench_runs_on_a_tiny_backbone():
-    result = run(tiny=True, images=2, batch_size=2, device="cpu")
-    assert [row["setting"].split(":")[0] for row in result["rows"]] == ["naive", "ours"]
+    result = run(tiny=True, images=4, batch_size=3, device="cpu", photos=1)
+    settings = [row["setting"] for row in result["rows"]]
+    assert [s.split(":")[0] for s in settings] == [
+        "naive",
+        "pipeline, naive",
+        "ours",
+        "ours compiled",
+        "pipeline, ours",
+    ]
+    assert "batch 3" in settings[2] and "batch 3" in settings[3]
     for row in result["rows"]:
-        assert set(row) == {"setting", "images_per_s", "share_of_limit", "ratio_vs_baseline", "peak_mem_gb"}
+        assert {"setting", "images_per_s", "share_of_limit", "ratio_vs_baseline", "peak_mem_gb"} <= set(row)
         # one limit for every row: the best dtype's peak over FLOPs per image
         assert row["share_of_limit"] == pytest.approx(row["images_per_s"] / result["limit_images_per_s"])
+        baseline = next(r for r in result["rows"] if r["setting"] == row["baseline"])
+        assert row["ratio_vs_baseline"] == pytest.approx(row["images_per_s"] / baseline["images_per_s"])
+    assert [row["baseline"] for row in result["rows"]] == [
+        settings[0],
+        settings[1],
+        settings[0],
+        settings[0],
+        settings[1],
+    ]
     best_peak = max(result["peak_gflop_per_s"].values()) * 1e9
     assert result["limit_images_per_s"] == pytest.approx(best_peak / (result["gflop_per_image"] * 1e9))
-    assert result["rows"][0]["ratio_vs_baseline"] == 1.0
-    assert "| setting | images/s | share of limit | vs naive |" in markdown(result)
+    for row in result["rows"][2:4]:  # our model rows against the fp32 path on the same images: 3 tasks each
+        assert row["top_label_agreement"] * 12 == pytest.approx(round(row["top_label_agreement"] * 12))
+        assert row["top_label_agreement"] >= 0.9 and 0 <= row["max_prob_diff"] < 0.05
+    assert set(result["compile_seconds"]) == {"batch 3", "batch 1"}
+    assert "| setting | images/s | s per image | share of limit | vs naive |" in markdown(result)
+
+
+def test_the_layer_bench_times_every_flop_of_the_blocks():
+    from bench.layers import block_parts
+
+    config = SoftBioConfig()
+    per_block = 0
+    for name, (a, b, c), count in block_parts(config, batch=1):
+        per_block += count * (4 * a * b * b * c if name.startswith("attention") else 2 * a * b * c)
+    vision = config.vision_config
+    patch_embedding = 2 * 576 * (3 * vision.patch_size**2) * vision.hidden_size
+    assert vision.num_hidden_layers * per_block + patch_embedding == vision_flops_per_image(config)
+
+
+def test_a_batch_that_does_not_fit_is_halved_and_retried(capsys):
+    import torch
+
+    from bench.speed import halving_on_oom
+
+    def measure(batch: int) -> int:
+        if batch > 5:
+            raise torch.OutOfMemoryError(f"{batch} rows do not fit")
+        return batch * 10
+
+    assert halving_on_oom(measure, 24) == (30, 3)
+    assert capsys.readouterr().err.splitlines() == [
+        "batch 24 does not fit in memory: retrying with 12",
+        "batch 12 does not fit in memory: retrying with 6",
+        "batch 6 does not fit in memory: retrying with 3",
+    ]
+    with pytest.raises(torch.OutOfMemoryError):
+        halving_on_oom(lambda batch: measure(100), 2)
+
+
+def test_an_unsupported_dtype_names_the_supported_ones():
+    with pytest.raises(SystemExit, match=r"--dtype 'float16' on cpu: use one of auto, bfloat16, float32"):
+        run(tiny=True, images=1, batch_size=1, device="cpu", dtype="float16")
 
 
 def test_cuda_without_a_gpu_says_so():
@@ -41,7 +98,7 @@ def test_cuda_without_a_gpu_says_so():
 @pytest.mark.parametrize(
     "module",
     ["train.data", "train.evaluate", "train.train", "train.hub", "bench.speed", "bench.parameters", "bench.predict",
-     "bench.train", "app"],
+     "bench.train", "bench.layers", "app"],
 )  # fmt: skip
 def test_help_answers_without_heavy_imports(module):
     """--help parses before torch, transformers or datasets are imported (they take seconds)."""
@@ -85,3 +142,35 @@ def test_train_bench_times_the_real_step_per_method():
         assert set(row) == {"setting", "images_per_s", "share_of_limit", "ratio_vs_baseline", "peak_mem_gb"}
         assert row["images_per_s"] > 0 and 0 < row["share_of_limit"] < 1
     assert result["rows"][1]["ratio_vs_baseline"] == 1.0
+
+
+def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
+    """bench/gpu.sh is what a GPU machine runs in one go; its logic is checked here at tiny sizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "results"),
+        "DEVICE": "cpu",
+        "TINY": "1",
+        "IMAGES": "2",
+        "BATCH": "2",
+        "PHOTOS": "1",
+        "TRAIN_BATCH": "2",
+        "STEPS": "1",
+        "PREDICT_PHOTOS": "4",
+        "PREDICT_BATCH": "2",
+        "WORKERS": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("speed", "train", "predict"):
+        rows = json.loads((tmp_path / "results" / f"{name}.json").read_text())["rows"]
+        assert rows and all(row["images_per_s"] > 0 for row in rows)
+        assert (tmp_path / "results" / f"{name}.md").read_text().count("|") > 10
