@@ -17,8 +17,9 @@ if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_ve
 "$PYTHON" -m bench.speed --device "$DEVICE" $TINY_FLAG --images "${IMAGES:-1024}" --batch-size "${BATCH:-256}" \
   --photos "${PHOTOS:-64}" --json "$OUT/speed.json" | tee "$OUT/speed.md"
 # Training: one optimizer step per method through train.train's own step, batch 64, with the speed switches.
+# TRAIN_FLAGS: more options, e.g. "--methods lora mtlora --no-compile".
 "$PYTHON" -m bench.train --device "$DEVICE" $TINY_FLAG --batch-size "${TRAIN_BATCH:-64}" --steps "${STEPS:-10}" \
-  --json "$OUT/train.json" | tee "$OUT/train.md"
+  ${TRAIN_FLAGS:-} --json "$OUT/train.json" | tee "$OUT/train.md"
 # The batch command (decode, detect, crop, preprocess in workers) against the model alone.
 "$PYTHON" -m bench.predict --device "$DEVICE" $TINY_FLAG --photos "${PREDICT_PHOTOS:-512}" \
   --batch-size "${PREDICT_BATCH:-64}" --num-workers "${WORKERS:-8}" --json "$OUT/predict.json" | tee "$OUT/predict.md"

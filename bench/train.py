@@ -33,6 +33,7 @@ TINY = {  # four blocks, so FT4 has its four
 SWITCHES = (
     ("lora + frozen weights in bf16", "lora", ["train.bf16_base=true"]),
     ("lora + gradient checkpointing", "lora", ["train.gradient_checkpointing=true"]),
+    ("lora + frozen weights in bf16 + torch.compile", "lora", ["train.bf16_base=true", "train.compile=true"]),
 )
 
 
@@ -107,7 +108,7 @@ def run(args) -> dict:
     forward = vision_flops_per_image(SoftBioConfig(vision_config=TINY if args.tiny else None))
     fast = torch.bfloat16 if args.mixed_precision != "no" else torch.float32
     peak = max(matmul_peak(dtype, device) for dtype in {torch.float32, fast})
-    switches = [s for s in SWITCHES if "lora" in args.methods]
+    switches = [s for s in SWITCHES if "lora" in args.methods and (args.compile or "train.compile=true" not in s[2])]
     if args.mixed_precision == "no":  # frozen bf16 weights need bf16 autocast
         switches = [s for s in switches if "train.bf16_base=true" not in s[2]]
     settings = [(name, name, []) for name in args.methods] + switches
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default 5)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--mixed-precision", default="auto", help="auto, bf16 or no (as train.mixed_precision)")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled LoRA row (it compiles first)"
+    )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
     result = run(args)

@@ -133,7 +133,14 @@ def test_train_bench_times_the_real_step_per_method():
     from bench.train import run as run_train
 
     args = argparse.Namespace(
-        tiny=True, methods=["lp", "lora"], batch_size=4, steps=1, device="cpu", mixed_precision="no", json=None
+        tiny=True,
+        methods=["lp", "lora"],
+        batch_size=4,
+        steps=1,
+        device="cpu",
+        mixed_precision="no",
+        json=None,
+        compile=True,
     )
     result = run_train(args)
     names = [row["setting"] for row in result["rows"]]
@@ -162,6 +169,7 @@ def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
         "PHOTOS": "1",
         "TRAIN_BATCH": "2",
         "STEPS": "1",
+        "TRAIN_FLAGS": "--methods lp lora --no-compile",
         "PREDICT_PHOTOS": "4",
         "PREDICT_BATCH": "2",
         "WORKERS": "1",

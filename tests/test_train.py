@@ -227,3 +227,38 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path, capsys):
 def test_yaml_numbers_written_the_short_way_are_numbers():
     config = load_config("lora", ["train.lr=1e-4", "train.mixed_precision=no", "data.train=[x]"])
     assert config["train"]["lr"] == pytest.approx(1e-4) and config["train"]["mixed_precision"] == "no"
+
+
+@pytest.mark.parametrize(
+    "switch", [["train.bf16_base=true"], ["train.gradient_checkpointing=true"], ["train.compile=true"]]
+)
+def test_each_speed_switch_takes_the_plain_steps_within_bf16_tolerance(switch, tmp_path):
+    """Frozen weights in bf16, checkpointing and torch.compile change how a step runs, not what it computes."""
+    from tiny import TINY_VISION
+
+    from softbio_hf import SoftBioConfig, SoftBioModel
+    from train.train import Run
+
+    def three_steps(extra: list[str], out) -> tuple[list[float], dict[str, torch.Tensor]]:
+        base_settings = ["train.batch_size=8", "train.device=cpu", "train.mixed_precision=bf16", "train.lr=0.01"]
+        config = load_config("lora", [*base_settings, "data.train=[unused]", f"output_dir={out}", *extra])
+        torch.manual_seed(0)
+        run = Run(config)
+        run.setup(SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})))
+        run.prepare_step()
+        generator = torch.Generator().manual_seed(1)
+        size = run.core.config.image_size
+        batch = {"pixel_values": torch.randn(8, 3, size, size, generator=generator)}
+        for task, labels in run.core.config.tasks.items():
+            batch[task] = torch.randint(0, len(labels), (8,), generator=generator)
+        losses = [run.train_step([batch])["loss"] for _ in range(3)]
+        trainable = {n: p.detach().float().clone() for n, p in run.core.named_parameters() if p.requires_grad}
+        return losses, trainable
+
+    plain_losses, plain = three_steps([], tmp_path / "plain")
+    losses, weights = three_steps(switch, tmp_path / "switch")
+    assert losses[2] < losses[0]  # it learns the batch
+    assert losses == pytest.approx(plain_losses, rel=3e-2)
+    assert weights.keys() == plain.keys()
+    for name, value in weights.items():
+        assert torch.allclose(value, plain[name], atol=3e-3, rtol=3e-2), name

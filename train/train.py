@@ -508,7 +508,8 @@ class Run:
 
     @property
     def core(self):
-        return self.accelerator.unwrap_model(self.model)
+        # Without the torch.compile wrapper too: saved weights keep their names (no `_orig_mod.` prefix).
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---------------------------------------------------------------------------------- state
     def trainer_state(self) -> dict[str, Any]:
