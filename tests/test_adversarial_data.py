@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from datasets import DatasetDict, load_from_disk
-from datasets_fixtures import make_folder, make_rafdb, write_jpeg
+from datasets_fixtures import make_folder, make_rafdb, make_utkface, write_jpeg
 
 from train.data import main, prepare
 
@@ -111,3 +111,60 @@ def test_bad_values_and_an_unreachable_hub_are_named(tmp_path, capsys):
     assert prepare_cli("--dataset", "fairface", "--root", "hub:0.25", "--out", tmp_path / "ff") == 2  # offline here
     error = capsys.readouterr().err
     assert "could not load HuggingFaceM4/FairFace" in error and "Traceback" not in error
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold even when the tests run as root: setpriv drops the
+    capabilities that let root read and write whatever it likes."""
+    import os
+
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def prepare_unprivileged(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [*unprivileged(), sys.executable, "-m", "train.data", "prepare", *[str(a) for a in args]]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_unreadable_tables_locked_folders_and_unwritable_outputs_are_named(tmp_path):
+    import subprocess
+
+    root = tmp_path / "mine"
+    make_folder(root)
+    table = root / "metadata.csv"
+    table.chmod(0)
+    assert subprocess.run([*unprivileged(), "cat", str(table)], capture_output=True).returncode != 0  # it holds
+    result = prepare_unprivileged("--dataset", "folder", "--root", root, "--out", tmp_path / "out", "--image-size", 32)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{table} cannot be read (Permission denied); check its permissions" in result.stderr
+    table.chmod(0o644)
+
+    utk = tmp_path / "utk"
+    make_utkface(utk)
+    write_jpeg(utk / "locked" / "30_1_0_20170116174525111.jpg.chip.jpg", 7)
+    (utk / "locked").chmod(0)
+    result = prepare_unprivileged(
+        "--dataset", "utkface", "--root", utk, "--out", tmp_path / "utk-out", "--image-size", 32
+    )
+    (utk / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "1 unreadable folder" in result.stdout  # counted in the report, not silently left out
+    assert load_from_disk(str(tmp_path / "utk-out"))
+
+    shelf = tmp_path / "read-only"
+    shelf.mkdir()
+    shelf.chmod(0o555)
+    result = prepare_unprivileged("--dataset", "folder", "--root", root, "--out", shelf / "out", "--image-size", 32)
+    shelf.chmod(0o755)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        f"--out {shelf / 'out'}: cannot write beside it (Permission denied); choose a writable folder" in result.stderr
+    )
+    assert list(shelf.iterdir()) == []
