@@ -301,6 +301,14 @@ def uploaded_paths(body: bytes) -> list[str]:
     return [path for path in paths if isinstance(path, str)] if isinstance(paths, list) else []
 
 
+def upload_path(payload) -> str | None:
+    """The server path in a file input's unprocessed payload (gradio's FileData as a dict)."""
+    if isinstance(payload, dict):
+        path = payload.get("path")
+        return path if isinstance(path, str) else None
+    return None
+
+
 def data_url_bytes(url: str) -> bytes:
     """The bytes of a base64 `data:` URL (a webcam frame), capped like an upload."""
     import gradio as gr
@@ -411,26 +419,28 @@ def requester_of(request) -> str:
 def build_demo(pipe, model_name: str, owners: UploadOwners):
     import gradio as gr
 
-    def analyze_upload(path, detector, threshold, request: gr.Request):
-        data, name = read_upload(path, requester_of(request), owners)
+    # Every event takes its inputs unprocessed (preprocess=False): the upload's own path, which gradio would
+    # otherwise replace by a converted copy (an RGBA or grey photo) or shadow with an empty temporary file
+    # (gr.File, one per call), and which read_upload checks is the requester's.
+    def analyze_upload(payload, detector, threshold, request: gr.Request):
+        data, name = read_upload(upload_path(payload), requester_of(request), owners)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces), faces
 
     def analyze_frame(frame, detector, threshold, request: gr.Request):
-        # Unprocessed (preprocess=False), so that a frame sent as a file is read only if this requester sent it.
         if not frame:
             return ""
         url = frame.get("url") or ""
         if url.startswith("data:"):
             data, name = data_url_bytes(url), "webcam frame"
         else:
-            data, name = read_upload(frame.get("path"), requester_of(request), owners)
+            data, name = read_upload(upload_path(frame), requester_of(request), owners)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces)
 
-    def analyze_api(path, detector="auto", threshold=0.0, request: gr.Request = None):
+    def analyze_api(payload, detector="auto", threshold=0.0, request: gr.Request = None):
         """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
-        data, name = read_upload(path, requester_of(request), owners)
+        data, name = read_upload(upload_path(payload), requester_of(request), owners)
         return analyze_bytes(pipe, data, name, detector or "auto", threshold)[1]
 
     with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=CACHE_SWEEP) as demo:
@@ -459,7 +469,13 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         with gr.Accordion("How it works, limits and biases", open=False):
             gr.Markdown(ABOUT)
 
-        run.click(analyze_upload, [photo, detector, threshold], [result, as_json], api_visibility="private")
+        run.click(
+            analyze_upload,
+            [photo, detector, threshold],
+            [result, as_json],
+            preprocess=False,
+            api_visibility="private",
+        )
         webcam.stream(
             analyze_frame,
             [webcam, detector, threshold],
@@ -475,7 +491,9 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         api_threshold = gr.Number(visible=False, value=0.0, label="threshold")
         api_out = gr.JSON(visible=False, label="faces")
         api_trigger = gr.Button(visible=False)
-        api_trigger.click(analyze_api, [api_file, api_detector, api_threshold], api_out, api_name="analyze")
+        api_trigger.click(
+            analyze_api, [api_file, api_detector, api_threshold], api_out, preprocess=False, api_name="analyze"
+        )
     return demo
 
 

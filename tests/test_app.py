@@ -185,6 +185,14 @@ def test_a_crafted_call_naming_another_clients_upload_is_refused_and_the_file_ke
     assert "refused private-photo-31c9.jpg: uploaded by another requester (this one known by address)" in log
 
 
+def test_requests_leave_no_empty_temporary_files(app_keeping_uploads):
+    client = Client(app_keeping_uploads["url"], verbose=False)
+    for _ in range(3):
+        client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", 0, api_name="/analyze")
+    empty = [p for p in app_keeping_uploads["temp"].rglob("*") if p.is_file() and p.stat().st_size == 0]
+    assert empty == []
+
+
 def test_a_caller_that_keeps_no_cookies_can_analyse_its_own_upload(app_keeping_uploads, tmp_path):
     url = app_keeping_uploads["url"]
     private = tmp_path / "cookieless-5e1d.jpg"
@@ -233,6 +241,8 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes()[:4000])
+    transparent = tmp_path / "astronaut-rgba.png"
+    Image.open(REPO / "examples" / "astronaut.jpg").convert("RGBA").save(transparent)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -277,6 +287,21 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.wait_for_timeout(500)
             page.click("#analyze")
             page.wait_for_selector("text=No face found", timeout=60_000)
+
+            # A photo with transparency: analysed from the upload itself (gradio's RGB copy would not be the
+            # requester's upload).
+            page.locator("input[type=number]").first.fill("0")  # back to the detector's default threshold
+            page.locator("input[type=number]").first.press("Enter")
+            before = page.get_attribute("#sb-result img", "src")
+            page.set_input_files("#photo input[type=file]", str(transparent))
+            page.wait_for_timeout(500)
+            page.click("#analyze")
+            page.wait_for_function(
+                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
+                arg=before,
+                timeout=60_000,
+            )
+            assert "Face 1" in page.inner_text("#sb-result")
 
             page.set_input_files("#photo input[type=file]", str(broken))
             page.wait_for_timeout(500)
