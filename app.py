@@ -206,6 +206,7 @@ def read_upload(path: str | None, requester: str, owners: "UploadOwners") -> tup
 
 # ---------------------------------------------------------------------------------------- upload owners
 UPLOADER_COOKIE = "softbio_uploader"
+MAX_UPLOADS_PER_REQUESTER = 1000  # the records stay small whatever a client sends
 
 
 def requester_key(cookies: Mapping[str, str], host: str | None) -> str:
@@ -231,10 +232,12 @@ class UploadOwners:
         self._lock = threading.Lock()
 
     def record(self, requester: str, paths: Iterable[str]) -> None:
-        expiry = time.monotonic() + self.max_age_s
+        now = time.monotonic()
         with self._lock:
-            uploads = self._uploads.pop(requester, {})
-            uploads.update({str(Path(path).resolve()): expiry for path in paths})
+            uploads = {name: expiry for name, expiry in self._uploads.pop(requester, {}).items() if expiry >= now}
+            uploads.update({str(Path(path).resolve()): now + self.max_age_s for path in paths})
+            while len(uploads) > MAX_UPLOADS_PER_REQUESTER:  # oldest first: dicts keep insertion order
+                del uploads[next(iter(uploads))]
             self._uploads[requester] = uploads  # most recent last: the oldest requester is dropped first
             while len(self._uploads) > self.max_requesters:
                 self._uploads.popitem(last=False)

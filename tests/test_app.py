@@ -385,3 +385,28 @@ def test_the_api_names_its_inputs_and_output(app):
     endpoint = api["named_endpoints"]["/analyze"]
     assert [p["label"] for p in endpoint["parameters"]] == ["image", "detector", "threshold"]
     assert [r["label"] for r in endpoint["returns"]] == ["faces"]
+
+
+def test_upload_records_expire_stay_bounded_and_open_the_examples_to_all(tmp_path, monkeypatch):
+    app_module = import_app()
+    example = tmp_path / "example.jpg"
+    example.write_bytes(b"public example bytes")
+    owners = app_module.UploadOwners(max_age_s=60, examples=[example], max_requesters=2)
+    mine, theirs = tmp_path / "mine.jpg", tmp_path / "theirs.jpg"
+    owners.record("cookie:a", [str(mine)])
+    assert owners.owns("cookie:a", mine, b"x") and not owners.owns("cookie:b", mine, b"x")
+    assert owners.owns("cookie:b", theirs, b"public example bytes")  # any copy of an example, by content
+
+    clock = [1000.0]
+    monkeypatch.setattr(app_module.time, "monotonic", lambda: clock[0])
+    owners.record("cookie:a", [str(theirs)])
+    clock[0] += 61
+    assert not owners.owns("cookie:a", theirs, b"x")  # expired with gradio's cache
+    monkeypatch.setattr(app_module, "MAX_UPLOADS_PER_REQUESTER", 3)
+    owners.record("cookie:a", [str(tmp_path / f"{i}.jpg") for i in range(5)])
+    assert [owners.owns("cookie:a", tmp_path / f"{i}.jpg", b"x") for i in range(5)] == [False, False, True, True, True]
+    owners.record("cookie:b", [str(mine)])
+    owners.record("cookie:c", [str(mine)])  # a third requester: the least recent one (a) is dropped
+    assert not owners.owns("cookie:a", tmp_path / "4.jpg", b"x") and owners.owns("cookie:c", mine, b"x")
+    assert app_module.requester_key({"softbio_uploader": "x" * 32}, "10.0.0.1") == "cookie:" + "x" * 32
+    assert app_module.requester_key({"softbio_uploader": "short"}, "10.0.0.1") == "address:10.0.0.1"
