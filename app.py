@@ -534,8 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("SOFTBIO_COMPILE", "1") != "0",
         help="torch.compile the model at start-up, before serving (default on; env SOFTBIO_COMPILE=0 turns it "
-        "off): each photo is then about 15%% faster on a CPU, for about 20 s more start-up with ViT-L/14@336 "
-        "(less when inductor's on-disk cache holds the graph from an earlier start)",
+        "off): each photo is then about 15%% faster on a CPU, for about 20 s more at every start with "
+        "ViT-L/14@336 on a 2-core CPU",
     )
     return parser.parse_args(argv)
 
