@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 METHODS = ("lp", "ft4", "lora", "dora", "loraplus", "mtlora")
 TINY = {  # four blocks, so FT4 has its four
@@ -98,6 +99,66 @@ def one_row(name: str, config_name: str, extra: list[str], args, forward_flops: 
         }
 
 
+def make_prepared(folder: Path, rows: int, side: int) -> Path:
+    """A prepared dataset (train.data's schema, via its own `prepare`) of `rows` generated photos with labels."""
+    import numpy as np
+    from PIL import Image
+
+    from train.data import prepare
+
+    raw = folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["file_name,age,gender,emotion,split"]
+    for i in range(rows):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(raw / f"{i:05d}.jpg")
+        lines.append(f"{i:05d}.jpg,{20 + i % 50},{('female', 'male')[i % 2]},{('happy', 'sad')[i % 2]},train")
+    (raw / "metadata.csv").write_text("\n".join(lines) + "\n")
+    prepare("folder", raw, folder / "prepared", image_size=side)
+    return folder / "prepared"
+
+
+def loader_row(args, step_images_per_s: float) -> dict:
+    """Images/s of train.train's own loader (prepared rows -> augmented, preprocessed batch) with the workers
+    asked for, against the LoRA step: the loader should feed the step at least twice over."""
+    from softbio_hf import SoftBioConfig, SoftBioModel
+    from train.train import Run, load_config
+
+    with tempfile.TemporaryDirectory() as out:
+        # A narrow model at the real resolution: the collator resizes to the model's input size, and the loader
+        # never runs the model.
+        vision = TINY if args.tiny else {**TINY, "image_size": 336, "patch_size": 14}
+        data = make_prepared(Path(out) / "data", args.loader_rows, vision["image_size"])
+        settings = [
+            f"train.batch_size={args.batch_size}",
+            "train.device=cpu",
+            "train.mixed_precision=no",
+            f"data.train=[{data}]",
+            "data.eval=[]",
+            f"data.num_workers={args.loader_workers}",
+            f"output_dir={out}/run",
+        ]
+        run = Run(load_config("lora", settings))
+        run.setup(SoftBioModel(SoftBioConfig(vision_config=vision)))
+        run.prepare_training()
+        batches = iter(run.loader)
+        next(batches)  # workers started, first batch out
+        count, start = 0, time.perf_counter()
+        for batch in batches:
+            count += len(batch["pixel_values"])
+            if count >= args.loader_rows - args.batch_size:
+                break
+        images_per_s = count / (time.perf_counter() - start)
+    return {
+        "setting": f"data loader: prepared rows to augmented batches, {args.loader_workers} "
+        + ("worker" if args.loader_workers == 1 else "workers"),
+        "images_per_s": images_per_s,
+        "share_of_limit": None,  # bound by decoding and augmentation, not by FLOPs
+        "ratio_vs_baseline": images_per_s / step_images_per_s,
+        "peak_mem_gb": None,
+    }
+
+
 def run(args) -> dict:
     import torch
 
@@ -116,6 +177,8 @@ def run(args) -> dict:
     baseline = next((r["images_per_s"] for r in rows if r["setting"] == "lora"), rows[0]["images_per_s"])
     for row in rows:
         row["ratio_vs_baseline"] = row["images_per_s"] / baseline
+    if args.loader_workers is not None:
+        rows.append(loader_row(args, baseline))
     return {
         "device": str(device),
         "backbone": "tiny" if args.tiny else "ViT-L/14@336 (random weights)",
@@ -138,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip the compiled LoRA row (it compiles first)"
     )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="also time train.train's data loader (prepared rows to augmented batches) with this many workers, "
+        "against the LoRA step; e.g. 14 on a 16-core GPU machine",
+    )
+    parser.add_argument("--loader-rows", type=int, default=1024, help="rows the loader row reads (default 1024)")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
     result = run(args)
@@ -145,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['peak_gflop_per_s']:,.0f} GFLOP/s")  # fmt: skip
     print("| setting | images/s | share of limit (approx.) | vs lora | peak memory GB |\n|---|---:|---:|---:|---:|")
     for row in result["rows"]:
+        share = "" if row["share_of_limit"] is None else f"{row['share_of_limit']:.0%}"
+        memory = "" if row["peak_mem_gb"] is None else f"{row['peak_mem_gb']:.1f}"
         print(
-            f"| {row['setting']} | {row['images_per_s']:.2f} | {row['share_of_limit']:.0%} | "
-            f"{row['ratio_vs_baseline']:.2f}x | {row['peak_mem_gb']:.1f} |"
+            f"| {row['setting']} | {row['images_per_s']:.2f} | {share} | {row['ratio_vs_baseline']:.2f}x | {memory} |"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -141,14 +141,25 @@ def test_train_bench_times_the_real_step_per_method():
         mixed_precision="no",
         json=None,
         compile=True,
+        loader_workers=1,
+        loader_rows=12,
     )
     result = run_train(args)
     names = [row["setting"] for row in result["rows"]]
-    assert names == ["lp", "lora", "lora + gradient checkpointing"]  # bf16 weights need bf16 autocast: left out
+    assert names == [
+        "lp",
+        "lora",
+        "lora + gradient checkpointing",  # bf16 weights need bf16 autocast: left out
+        "data loader: prepared rows to augmented batches, 1 worker",
+    ]
     for row in result["rows"]:
         assert set(row) == {"setting", "images_per_s", "share_of_limit", "ratio_vs_baseline", "peak_mem_gb"}
+    for row in result["rows"][:3]:
         assert row["images_per_s"] > 0 and 0 < row["share_of_limit"] < 1
     assert result["rows"][1]["ratio_vs_baseline"] == 1.0
+    loader = result["rows"][3]
+    assert loader["share_of_limit"] is None and loader["images_per_s"] > 0
+    assert loader["ratio_vs_baseline"] == pytest.approx(loader["images_per_s"] / result["rows"][1]["images_per_s"])
 
 
 def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
@@ -170,6 +181,8 @@ def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
         "TRAIN_BATCH": "2",
         "STEPS": "1",
         "TRAIN_FLAGS": "--methods lp lora --no-compile",
+        "LOADER_WORKERS": "1",
+        "LOADER_ROWS": "12",
         "PREDICT_PHOTOS": "4",
         "PREDICT_BATCH": "2",
         "WORKERS": "1",
