@@ -23,13 +23,17 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("SOFTBIO_ARTIFACTS", REPO / "artifacts"))
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app")
+def serve_tiny_model(root, env: dict[str, str]):
+    """app.py on a tiny random softbio checkpoint saved under root."""
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
     model.save_pretrained(root / "ckpt")
-    with running_app(REPO / "app.py", root / "ckpt", root, env={"SOFTBIO_CACHE_SWEEP": "2,3"}) as served:
+    return running_app(REPO / "app.py", root / "ckpt", root, env=env)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with serve_tiny_model(tmp_path_factory.mktemp("app"), {"SOFTBIO_CACHE_SWEEP": "2,3"}) as served:
         yield served
 
 
@@ -158,11 +162,7 @@ def file_data(path: str) -> dict:
 @pytest.fixture(scope="module")
 def app_keeping_uploads(tmp_path_factory):
     """The app with gradio's default upload sweep (minutes): an upload outlives the test that makes it."""
-    root = tmp_path_factory.mktemp("app-keeping")
-    torch.manual_seed(0)
-    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
-    model.save_pretrained(root / "ckpt")
-    with running_app(REPO / "app.py", root / "ckpt", root, env={"SOFTBIO_COMPILE": "0"}) as served:
+    with serve_tiny_model(tmp_path_factory.mktemp("app-keeping"), {"SOFTBIO_COMPILE": "0"}) as served:
         yield served
 
 
@@ -271,16 +271,9 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
 
             # An example photo can be analysed twice: its cached copy must survive the first request.
-            first_src = page.get_attribute("#sb-result img", "src")
             page.locator("img[src*='grace_hopper']").first.click()
             page.wait_for_timeout(800)
-            page.click("#analyze")
-            page.wait_for_function(
-                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
-                arg=first_src,
-                timeout=60_000,
-            )
-            assert "Face 1" in page.inner_text("#sb-result")
+            assert "Face 1" in next_result(page, lambda: page.click("#analyze"))
             page.locator("img[src*='grace_hopper']").first.click()
             page.locator("input[type=number]").first.fill("0.99")  # no Haar face scores that high
             page.locator("input[type=number]").first.press("Enter")
@@ -292,16 +285,9 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             # requester's upload).
             page.locator("input[type=number]").first.fill("0")  # back to the detector's default threshold
             page.locator("input[type=number]").first.press("Enter")
-            before = page.get_attribute("#sb-result img", "src")
             page.set_input_files("#photo input[type=file]", str(transparent))
             page.wait_for_timeout(500)
-            page.click("#analyze")
-            page.wait_for_function(
-                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
-                arg=before,
-                timeout=60_000,
-            )
-            assert "Face 1" in page.inner_text("#sb-result")
+            assert "Face 1" in next_result(page, lambda: page.click("#analyze"))
 
             page.set_input_files("#photo input[type=file]", str(broken))
             page.wait_for_timeout(500)
@@ -309,18 +295,21 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.wait_for_selector("text=truncated or corrupt", timeout=60_000)
 
             # The live webcam: its frames reach the analysis (the fake camera's pattern has no face in it).
-            before = page.get_attribute("#sb-result img", "src")
             page.get_by_role("tab", name="Webcam (live)").click()
             page.get_by_text("Click to Access Webcam").click()
-            page.get_by_label("capture photo").click()
-            page.wait_for_function(
-                "src => document.querySelector('#sb-result img').getAttribute('src') !== src",
-                arg=before,
-                timeout=60_000,
-            )
-            assert "No face found" in page.inner_text("#sb-result")
+            assert "No face found" in next_result(page, lambda: page.get_by_label("capture photo").click())
         finally:
             browser.close()
+
+
+def next_result(page, start) -> str:
+    """Call `start` (it sets an analysis going), wait for the result's picture to change, return its text."""
+    before = page.get_attribute("#sb-result img", "src")
+    start()
+    page.wait_for_function(
+        "src => document.querySelector('#sb-result img').getAttribute('src') !== src", arg=before, timeout=60_000
+    )
+    return page.inner_text("#sb-result")
 
 
 def import_app():
