@@ -47,8 +47,11 @@ def model_alone(pipe, count: int, batch_size: int) -> float:
 def run(tiny: bool, photos: int, batch_size: int, num_workers: int, device: str | None, dtype: str) -> dict:
     import torch
 
+    from bench.speed import resolve_device
     from softbio_hf import SoftBioConfig, SoftBioModel
     from softbio_hf.predict import load_pipeline, predict
+
+    device = str(resolve_device(device))  # --device cuda without one: a clear message, not a traceback
 
     vision = {
         "model_type": "clip_vision_model",

@@ -198,13 +198,31 @@ class Batcher:
         self.waiting.extend((item, number) for number in range(len(chunks)))
         return self.run(full_only=True)
 
+    def halve_batch(self) -> None:
+        print(
+            f"batch {self.batch_size} does not fit in memory: continuing with {self.batch_size // 2} faces per pass",
+            file=sys.stderr,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.batch_size //= 2
+        if (self.pipe.compiled_batch_size or 0) > self.batch_size:  # the compiled graph has the old batch shape
+            self.pipe.compile(self.batch_size)
+
     def run(self, full_only: bool = False) -> list[tuple[dict, list]]:
         finished = []
         while self.waiting and (len(self.waiting) >= self.batch_size or not full_only):
-            batch, self.waiting = self.waiting[: self.batch_size], self.waiting[self.batch_size :]
+            batch = self.waiting[: self.batch_size]
             pixel_values = torch.cat([photo["chunks"][number]["pixel_values"] for photo, number in batch])
-            with torch.inference_mode():
-                scored = self.pipe._forward({"pixel_values": pixel_values, "face": None, "is_last": None})
+            try:
+                with torch.inference_mode():
+                    scored = self.pipe._forward({"pixel_values": pixel_values, "face": None, "is_last": None})
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.halve_batch()
+                continue  # the same faces again, fewer at a time
+            self.waiting = self.waiting[len(batch) :]
             for row, (photo, number) in enumerate(batch):
                 chunk = photo["chunks"][number]
                 photo["outputs"][number] = {

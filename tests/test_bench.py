@@ -91,8 +91,15 @@ def test_cuda_without_a_gpu_says_so():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    from bench.predict import run as run_predict
+    from bench.train import main as train_main
+
     with pytest.raises(SystemExit, match="no CUDA device"):
         run(tiny=True, images=1, batch_size=1, device="cuda")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        run_predict(tiny=True, photos=1, batch_size=1, num_workers=0, device="cuda", dtype="auto")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        train_main(["--tiny", "--device", "cuda"])
 
 
 @pytest.mark.parametrize(

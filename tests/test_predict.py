@@ -121,6 +121,25 @@ def test_compile_gives_the_same_rows(photos, model_dir, tmp_path, capsys):
             assert b[key] == (pytest.approx(value, abs=tolerance) if isinstance(value, float) else value), key
 
 
+def test_a_batch_that_does_not_fit_is_halved_and_gives_the_same_rows(photos, model_dir, tmp_path, monkeypatch, capsys):
+    from softbio_hf import SoftBiometricsPipeline
+
+    inputs = [photos / "real", photos / "generated"]
+    run(inputs, model_dir, tmp_path / "small.jsonl", batch_size=2, detector="none")
+    forward = SoftBiometricsPipeline._forward
+
+    def forward_within_two_faces(self, model_inputs):  # a device that holds two faces at a time
+        if len(model_inputs["pixel_values"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: two faces fit)")
+        return forward(self, model_inputs)
+
+    monkeypatch.setattr(SoftBiometricsPipeline, "_forward", forward_within_two_faces)
+    run(inputs, model_dir, tmp_path / "halved.jsonl", batch_size=8, detector="none")
+    assert capsys.readouterr().err.count("does not fit in memory") == 2  # 8 -> 4 -> 2, said each time
+    small, halved = ((tmp_path / name).read_text().splitlines() for name in ("small.jsonl", "halved.jsonl"))
+    assert len(small) == 14 and halved == small
+
+
 def test_an_interrupted_run_resumes_to_the_same_table(photos, model_dir, tmp_path):
     run([photos], model_dir, tmp_path / "straight.csv")
 

@@ -262,3 +262,19 @@ def test_each_speed_switch_takes_the_plain_steps_within_bf16_tolerance(switch, t
     assert weights.keys() == plain.keys()
     for name, value in weights.items():
         assert torch.allclose(value, plain[name], atol=3e-3, rtol=3e-2), name
+
+
+def test_a_batch_that_does_not_fit_stops_with_the_settings_that_fit(
+    synthetic, tiny_clip_dir, tmp_path, capsys, monkeypatch
+):
+    from train.train import Run
+
+    def out_of_memory(self, batches):  # what a too large batch raises on a GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(Run, "train_step", out_of_memory)
+    code = main(["--config", "lp", "--set", *settings(synthetic, tiny_clip_dir, tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert "train.batch_size=32 does not fit in cpu memory" in error
+    assert "train.batch_size=16 and train.grad_accum=2" in error

@@ -552,6 +552,22 @@ class Run:
         self.last_saved_step = self.step
 
     # ----------------------------------------------------------------------------------- loop
+    def train_step_or_explain(self, batches) -> dict[str, float]:
+        """train_step; a batch that does not fit in memory stops the run with the settings that make it fit (the
+        global batch is part of the recipe, so it is not silently changed)."""
+        import torch
+
+        try:
+            return self.train_step(batches)
+        except torch.OutOfMemoryError:
+            train = self.config["train"]
+            raise TrainingError(
+                f"train.batch_size={train['batch_size']} does not fit in {self.accelerator.device} memory. Keep the "
+                f"global batch with train.batch_size={max(1, train['batch_size'] // 2)} and "
+                f"train.grad_accum={2 * train['grad_accum']}, or save memory with "
+                "train.gradient_checkpointing=true or train.bf16_base=true."
+            ) from None
+
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; losses normalised over every process's rows."""
         import torch
@@ -631,7 +647,7 @@ class Run:
         started, seen = time.perf_counter(), 0
         try:
             while self.step < train["max_steps"]:
-                logged = self.train_step([next(batches) for _ in range(accum)])
+                logged = self.train_step_or_explain([next(batches) for _ in range(accum)])
                 self.step += 1
                 seen += train["batch_size"] * accum
                 images_per_s = seen / (time.perf_counter() - started)
