@@ -129,9 +129,11 @@ def test_predict_bench_compares_the_command_with_the_model_alone():
     from bench.predict import run as run_predict
 
     result = run_predict(tiny=True, photos=6, batch_size=4, num_workers=1, device="cpu", dtype="float32")
-    alone, command = result["rows"]
+    alone, command, processor, ours = result["rows"]
     assert alone["ratio_vs_baseline"] == 1.0 and command["images_per_s"] > 0
     assert command["ratio_vs_baseline"] == pytest.approx(command["images_per_s"] / alone["images_per_s"])
+    assert processor["setting"].startswith("crop preprocessing: image processor") and ours["images_per_s"] > 0
+    assert ours["ratio_vs_baseline"] == pytest.approx(ours["images_per_s"] / processor["images_per_s"])
 
 
 def test_train_bench_times_the_real_step_per_method():

@@ -140,6 +140,19 @@ def test_the_compiled_pipeline_gives_the_plain_results_and_compiles_once(tiny_sa
         compiled.compile(batch_size=0)
 
 
+@pytest.mark.parametrize("side", [57, 336, 700])  # upscaled, as is, downscaled
+def test_crop_pixels_normalised_on_the_device_equal_the_image_processors(side):
+    from softbio_hf import SoftBioConfig, image_processor_for
+    from softbio_hf.pipeline_softbio import face_pixels, normalize_pixels
+
+    config = SoftBioConfig()
+    crop = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    pixels = face_pixels(crop, config.image_size)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 336, 336)
+    expected = image_processor_for(config)(images=crop, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(normalize_pixels(pixels, config), expected, atol=2e-6)
+
+
 def test_detector_none_and_top_k(pipe):
     faces = pipe(grace_hopper(), detector="none", top_k=2)
     assert len(faces) == 1
