@@ -534,8 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("SOFTBIO_COMPILE", "1") != "0",
         help="torch.compile the model at start-up, before serving (default on; env SOFTBIO_COMPILE=0 turns it "
-        "off): each photo is then about 15%% faster on a CPU, for about 20 s more at every start with "
-        "ViT-L/14@336 on a 2-core CPU",
+        "off): each photo is then faster (6-18%% on a 2-core CPU in bench.speed's runs), for about 20 s more at "
+        "every start with ViT-L/14@336",
     )
     return parser.parse_args(argv)
 
