@@ -190,7 +190,7 @@ def read_upload(path: str | None, requester: str, owners: "UploadOwners") -> tup
         logger.warning("refused a path outside the uploads: %s", path)
         raise gr.Error("That file is not an upload of this demo: upload the photo itself.", print_exception=False)
     if not file.is_file():
-        message = f"The upload is gone (uploads are kept {CACHE_SWEEP[1]} s at most): upload the photo again."
+        message = f"The upload is gone (uploads are kept about {CACHE_SWEEP[1]} s): upload the photo again."
         raise gr.Error(message, print_exception=False)
     with file.open("rb") as handle:
         data = handle.read(MAX_UPLOAD_BYTES + 1)
@@ -433,8 +433,8 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
     def analyze_frame(frame, detector, threshold, request: gr.Request):
         if not frame:
             return ""
-        url = frame.get("url") or ""
-        if url.startswith("data:"):
+        url = frame.get("url") if isinstance(frame, dict) else None
+        if isinstance(url, str) and url.startswith("data:"):
             data, name = data_url_bytes(url), "webcam frame"
         else:
             data, name = read_upload(upload_path(frame), requester_of(request), owners)

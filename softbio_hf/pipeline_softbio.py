@@ -300,9 +300,11 @@ class SoftBiometricsPipeline(ChunkPipeline):
         with torch.inference_mode(), inductor_config.patch(freezing=True):
             for start in range(0, len(pixel_values), size):
                 chunk = pixel_values[start : start + size]
-                padding = chunk.new_zeros(size - len(chunk), *chunk.shape[1:])
-                logits = self._compiled(pixel_values=torch.cat([chunk, padding])).logits
-                parts.append({task: value[: len(chunk)] for task, value in logits.items()})
+                # Always a fresh tensor made here, inside inference_mode: the graph was compiled for one (an
+                # outside tensor or a view at an offset fails its guards and compiles again); the copy is small.
+                chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
+                logits = self._compiled(pixel_values=chunk).logits
+                parts.append({task: value[: len(pixel_values) - start] for task, value in logits.items()})
         return {task: torch.cat([part[task] for part in parts]) for task in parts[0]}
 
     def _sanitize_parameters(
@@ -434,7 +436,7 @@ def face_pixels(crop: np.ndarray, size: int) -> torch.Tensor:
 
 def normalize_pixels(pixel_values: torch.Tensor, config) -> torch.Tensor:
     """uint8 pixels to the backbone's normalised float32 input: the image processor's (x / 255 - mean) / std, as
-    one multiply and one subtract in place (4x faster on a CPU; equal to 1e-6)."""
+    one multiply and one subtract in place (4x faster on a CPU; equal within 2e-6, tested)."""
     mean = torch.tensor(config.image_mean, device=pixel_values.device).view(1, -1, 1, 1)
     std = torch.tensor(config.image_std, device=pixel_values.device).view(1, -1, 1, 1)
     return pixel_values.float().mul_(1 / (255 * std)).sub_(mean / std)
