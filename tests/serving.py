@@ -34,6 +34,19 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise AssertionError(f"app.py did not answer at {url} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def app_run_to_exit(app_py: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """app.py run until it exits (a start-up error, --help): offline unless `env` says otherwise, output captured."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(app_py), *args],
+        cwd=app_py.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @contextlib.contextmanager
 def running_app(app_py: Path, model: Path, root: Path, env: dict[str, str] | None = None) -> Iterator[dict]:
     """app.py --model MODEL on a free port, offline, with its own gradio temp folder under root."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from serving import app_run_to_exit
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -75,14 +73,7 @@ def test_pickled_weights_are_refused_with_how_to_convert(tiny_model, tmp_path):
 def test_the_demo_reports_a_broken_checkpoint_without_a_traceback(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "broken")
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x00" * 64)  # truncated, corrupt
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "broken")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = app_run_to_exit(REPO / "app.py", "--model", str(tmp_path / "broken"))
     assert result.returncode == 2
     assert "Could not load the softbio checkpoint" in result.stderr and "Traceback" not in result.stderr
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from gradio_client import Client, handle_file
 from photos import ASTRONAUT_KEYPOINTS, covers
 from PIL import Image
-from serving import running_app
+from serving import app_run_to_exit, running_app
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -202,10 +201,7 @@ def test_a_caller_that_keeps_no_cookies_can_analyse_its_own_upload(app_keeping_u
 
 
 def test_offline_without_a_model_says_what_to_pass(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SOFTBIO_CACHE": str(tmp_path / "empty"), "SOFTBIO_MODEL": ""}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = app_run_to_exit(REPO / "app.py", env={"SOFTBIO_CACHE": str(tmp_path / "empty"), "SOFTBIO_MODEL": ""})
     assert result.returncode == 2
     assert "--model" in result.stderr and "Traceback" not in result.stderr
 
@@ -226,9 +222,7 @@ def test_default_model_is_built_once_then_loaded_from_the_cache(tiny_clip_dir, t
 
 
 def test_help_explains_the_options():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=120
-    )
+    result = app_run_to_exit(REPO / "app.py", "--help", timeout=120)
     assert result.returncode == 0
     for option in ("--model", "--host", "--port", "SOFTBIO_MODEL"):
         assert option in result.stdout
@@ -340,30 +334,21 @@ def test_a_checkpoint_of_another_kind_is_refused_with_the_reason(tmp_path):
 def test_an_unreachable_hub_fails_at_once_and_says_what_to_pass(tmp_path):
     # Not the offline switch: a Hub address where nothing answers, as on a machine without network.
     env = {
-        **os.environ,
         "HF_HUB_OFFLINE": "0",
         "HF_ENDPOINT": "http://127.0.0.1:9",
         "SOFTBIO_CACHE": str(tmp_path / "empty"),
         "SOFTBIO_MODEL": "",
         "HF_HOME": str(tmp_path / "hf"),
     }
-    result = subprocess.run(
-        [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    result = app_run_to_exit(REPO / "app.py", env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "out of reach" in result.stderr and "--model DIR" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_busy_port_says_to_use_another_one(app, tmp_path):
     port = app["url"].rsplit(":", 1)[1].strip("/")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SOFTBIO_COMPILE": "0"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "app.py"), "--model", str(app["root"] / "ckpt"), "--port", port],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = app_run_to_exit(
+        REPO / "app.py", "--model", str(app["root"] / "ckpt"), "--port", port, env={"SOFTBIO_COMPILE": "0"}
     )
     assert result.returncode == 2
     assert "--port" in result.stderr and "Traceback" not in result.stderr
