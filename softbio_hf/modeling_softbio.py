@@ -16,22 +16,10 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available
 
-from .configuration_softbio import POOLING_CHOICES, SoftBioConfig
-from .mtlora import (
-    MTLoRALinear,
-    TaskParameters,
-    install_task_layers,
-    resolve_task_ranks,
-    task_block_indices,
-    task_layer_names,
-    task_stream_tokens,
-)
-
-try:  # only needed to train LoRA/DoRA/MTLoRA or to load an unmerged adapter checkpoint; merged ones need no peft
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-except ImportError:
-    LoraConfig = inject_adapter_in_model = LoraLayer = None
+from . import methods
+from .configuration_softbio import SoftBioConfig
+from .methods import ADAPTER_MARKERS
+from .mtlora import MTLoRALinear, TaskParameters, task_stream_tokens
 
 IGNORE_INDEX = -100
 # Hub arguments of from_pretrained that also apply when reading the checkpoint's own config.
@@ -50,13 +38,6 @@ _PARTS = (
 SUPPORTED_BACKBONES = ("clip_vision_model",)
 # Keywords transformers passes through a model's forward to its attention layers (besides the output flags).
 _BACKBONE_KEYWORDS = frozenset(TransformersKwargs.__annotations__) - {"output_attentions", "output_hidden_states"}
-# The study's rows (DESIGN.md): zero-shot, linear probe, last-k blocks, and the adapter methods.
-METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
-ADAPTER_METHODS = ("lora", "dora", "loraplus", "mtlora")
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-# Names of trainable low-rank parameters: peft's LoRA/DoRA and MTLoRA's pairs.
-_ADAPTER_MARKERS = ("lora_", ".shared_A", ".shared_B", ".task_A.", ".task_B.")
-_B_MARKERS = ("lora_B", ".shared_B", ".task_B.")
 PIPELINE_FILES = ("pipeline_softbio.py", "faces.py")
 
 
@@ -108,17 +89,23 @@ class SoftBioAttentionPooling(nn.Module):
 
 
 class SoftBioHead(nn.Module):
-    """Linear head (what zero-shot weights fill), or a one-hidden-layer MLP when head_hidden_size > 0."""
+    """Linear head (what zero-shot weights fill), or a one-hidden-layer MLP when hidden_size > 0."""
 
-    def __init__(self, in_features: int, num_labels: int, hidden_size: int, dropout: float):
+    def __init__(self, in_features: int, num_labels: int, hidden_size: int, dropout: float, unit_inputs: bool):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         if hidden_size > 0:
-            self.hidden = nn.Sequential(nn.Linear(in_features, hidden_size), nn.GELU(), nn.Dropout(dropout))
-            in_features = hidden_size
+            first = nn.Linear(in_features, hidden_size)
+            # LeCun-normal, so hidden units and logits start at unit scale: with L2-normalised features (norm 1,
+            # not unit variance per component) that is std 1, else 1/sqrt(fan_in). transformers' default 0.02
+            # would start the logits near 1e-4 and slow the first thousand steps.
+            first.init_std = 1.0 if unit_inputs else in_features**-0.5
+            self.hidden = nn.Sequential(first, nn.GELU(), nn.Dropout(dropout))
+            self.classifier = nn.Linear(hidden_size, num_labels)
+            self.classifier.init_std = hidden_size**-0.5
         else:
             self.hidden = nn.Identity()
-        self.classifier = nn.Linear(in_features, num_labels)
+            self.classifier = nn.Linear(in_features, num_labels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.hidden(self.dropout(features)))
@@ -206,6 +193,9 @@ class SoftBioPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         init_adapter_parameters(module)
+        if isinstance(module, nn.Linear) and hasattr(module, "init_std"):  # an MLP head's layers (SoftBioHead)
+            nn.init.normal_(module.weight, std=module.init_std)
+            nn.init.zeros_(module.bias)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -237,17 +227,12 @@ class SoftBioModel(SoftBioPreTrainedModel):
             )
         self.backbone = AutoModel.from_config(config.vision_config)
         if config.adapter:  # a checkpoint rebuilds the layers its method added
-            self._install_adapter_layers(config.adapter)
+            methods.install_adapter_layers(self, config.adapter)
         hidden = config.vision_config.hidden_size
         feature_dim = config.projection_dim or hidden
         self.visual_projection = nn.Linear(hidden, feature_dim, bias=False) if config.projection_dim else nn.Identity()
         self.pooling = SoftBioAttentionPooling(config) if config.pooling == "attention" else None
-        self.heads = nn.ModuleDict(
-            {
-                task: SoftBioHead(feature_dim, len(labels), config.head_hidden_size, config.head_dropout)
-                for task, labels in config.tasks.items()
-            }
-        )
+        self.heads = nn.ModuleDict({task: self._new_head(task) for task in config.tasks})
         self.loss_weights = SoftBioLossWeights(config.tasks) if config.loss_weighting == "uncertainty" else None
         self.post_init()
 
@@ -449,30 +434,58 @@ class SoftBioModel(SoftBioPreTrainedModel):
                 total = zero if total is None else total + zero
         return total, task_losses
 
-    # --------------------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------------------------ structure
+    def _new_head(self, task: str) -> SoftBioHead:
+        config = self.config
+        in_features = config.projection_dim or config.vision_config.hidden_size
+        return SoftBioHead(
+            in_features,
+            len(config.tasks[task]),
+            config.head_hidden_size,
+            config.head_dropout,
+            config.normalize_features,
+        )
+
+    def set_pooling(self, pooling: str) -> None:
+        """Switch between the class token ("cls") and a fresh attention pooling ("attention")."""
+        if pooling == self.config.pooling:
+            return
+        self.config.pooling = pooling
+        self.config._validate()
+        if pooling == "attention":
+            reference = next(self.heads.parameters())  # the new pooling follows the model's device and dtype
+            self.pooling = SoftBioAttentionPooling(self.config).to(device=reference.device, dtype=reference.dtype)
+            self._init_weights(self.pooling)
+        else:
+            self.pooling = None
+
+    def set_head_hidden_size(self, head_hidden_size: int) -> None:
+        """Replace every head by a fresh one of this shape (0: linear, > 0: an MLP of that width)."""
+        if head_hidden_size == self.config.head_hidden_size:
+            return
+        self.config.head_hidden_size = head_hidden_size
+        reference = next(self.heads.parameters())
+        for task in self.config.tasks:
+            head = self._new_head(task).to(device=reference.device, dtype=reference.dtype)
+            head.apply(self._init_weights)
+            self.heads[task] = head
+
+    # ------------------------------------------------------ the study's methods (softbio_hf/methods.py)
+    def apply_method(self, method: str, **options) -> SoftBioModel:
+        """Prepare the model for a row of the study; see `methods.apply_method` for the options."""
+        return methods.apply_method(self, method, **options)
+
     def apply_trainable_blocks(self, trainable_blocks: int | None = None) -> None:
-        """
-        Freeze the model for one of the study's rows, recording the choice in the config:
-        0 = linear probe (pooling + heads), k = the last k blocks too (FT4 is 4), -1 = everything.
-        The final norm and projection train whenever any backbone block does.
-        """
-        if trainable_blocks is not None:
-            check_trainable_blocks(trainable_blocks, self.config.num_backbone_layers)  # before changing anything
-            self.config.trainable_blocks = trainable_blocks
-        k = self.config.trainable_blocks
-        layers = self.backbone.encoder.layers
-        first_trainable = 0 if k == -1 else len(layers) - k
-        self.requires_grad_(False)
-        for module in (self.pooling, self.heads, self.loss_weights):
-            if module is not None:
-                module.requires_grad_(True)
-        if k == -1:
-            self.requires_grad_(True)
-        elif k > 0:
-            for layer in layers[first_trainable:]:
-                layer.requires_grad_(True)
-            self.backbone.post_layernorm.requires_grad_(True)
-            self.visual_projection.requires_grad_(True)
+        """0 = linear probe, k = the last k blocks too (FT4 is 4), -1 = everything; see methods.py."""
+        methods.apply_trainable_blocks(self, trainable_blocks)
+
+    def merge_adapters(self) -> SoftBioModel:
+        """Fold the adapters into the backbone weights, in place: a plain model that needs no peft."""
+        return methods.merge_adapters(self)
+
+    def optimizer_groups(self, lr: float, **options) -> list[dict]:
+        """torch.optim parameter groups per kind of trainable parameter; see `methods.optimizer_groups`."""
+        return methods.optimizer_groups(self, lr, **options)
 
     def parameter_report(self) -> list[dict[str, int | str]]:
         """Trainable and total parameters per part of the model, plus a total row."""
@@ -488,196 +501,6 @@ class SoftBioModel(SoftBioPreTrainedModel):
             "total": sum(r["total"] for r in rows.values()),
         }
         return [*rows.values(), total]
-
-    # --------------------------------------------------------------------------------------- adapters
-    def apply_method(
-        self,
-        method: str,
-        *,
-        rank: int = 16,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        target_modules: list[str] | tuple[str, ...] | None = None,
-        last_k: int | None = None,
-        task_rank: int | dict[str, int] = 4,
-        task_scale: float = 1.0,
-        loraplus_ratio: float = 16.0,
-        pooling: str | None = "attention",
-    ) -> SoftBioModel:
-        """
-        Prepare the model for one of the study's rows and freeze what should not train. The choice is recorded
-        in `config.adapter`, so a checkpoint says how it was made.
-
-        - "zs": nothing trains. "lp": pooling + heads. "ft": the last `last_k` blocks too (default 4).
-        - "lora" / "dora" / "loraplus": peft low-rank adapters (rank, alpha = 2 x rank by default, dropout) on
-          `target_modules` (default: q/k/v/out projections and both MLP linears) of all blocks, or the last
-          `last_k`. "loraplus" also makes `optimizer_groups` train the B matrices at `loraplus_ratio` x the rate.
-        - "mtlora": shared adapters of rank `rank` everywhere, task-specific ones of rank `task_rank` (an int or
-          task -> int) in the last block of each quarter, scaled by `task_scale`; per-task pooling of the streams.
-        Trainable methods switch the pooling to `pooling` ("attention" by default; None keeps the current one).
-        """
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-        if (self.config.adapter or {}).get("method") in ADAPTER_METHODS:
-            raise ValueError(
-                f"This model already carries {self.config.adapter['method']!r} adapters; apply a method to a fresh "
-                "model (from_clip or a merged checkpoint)."
-            )
-        if method == "zs":
-            self.requires_grad_(False)
-            self.config.adapter = {"method": "zs"}
-            return self
-        # Every setting is checked before the model or its config changes.
-        if pooling is not None and pooling not in POOLING_CHOICES:
-            raise ValueError(f"pooling={pooling!r}; choose one of {POOLING_CHOICES}.")
-        if method in ("lp", "ft"):
-            blocks = 0 if method == "lp" else (last_k or 4)
-            check_trainable_blocks(blocks, self.config.num_backbone_layers)
-            if pooling is not None:
-                self._set_pooling(pooling)
-            self.apply_trainable_blocks(blocks)
-            self.config.adapter = {"method": method, **({"last_k": blocks} if method == "ft" else {})}
-            return self
-        adapter = self._adapter_settings(method, rank, alpha, dropout, target_modules, last_k, task_rank, task_scale)
-        if method == "loraplus":
-            if not loraplus_ratio or loraplus_ratio <= 0:
-                raise ValueError(f"loraplus_ratio must be > 0, got {loraplus_ratio}.")
-            adapter["loraplus_ratio"] = float(loraplus_ratio)
-        if pooling is not None:
-            self._set_pooling(pooling)
-        self._install_adapter_layers(adapter)
-        self.config.adapter = adapter
-        self.config.trainable_blocks = 0
-        self._freeze_all_but_adapters()
-        return self
-
-    def _adapter_settings(self, method, rank, alpha, dropout, target_modules, last_k, task_rank, task_scale) -> dict:
-        alpha = 2 * rank if alpha is None else alpha
-        for setting, value in (("rank", rank), ("alpha", alpha)):
-            if not value or value <= 0:
-                raise ValueError(f"{setting} must be > 0, got {value}.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        num_layers = self.config.num_backbone_layers
-        if last_k is not None and not 1 <= last_k <= num_layers:
-            raise ValueError(f"last_k={last_k}: adapt the last 1..{num_layers} blocks, or None for all.")
-        adapter = {
-            "method": method,
-            "rank": int(rank),
-            "alpha": float(alpha),
-            "dropout": float(dropout),
-            "target_modules": list(target_modules or DEFAULT_TARGET_MODULES),
-            "last_k": last_k,
-            "merged": False,
-        }
-        if method == "mtlora":
-            if task_scale <= 0:
-                raise ValueError(f"task_scale must be > 0, got {task_scale}.")
-            resolve_task_ranks(task_rank, self.config.task_names)  # validates names and values
-            adapter.update(
-                task_rank=task_rank, task_scale=float(task_scale), task_blocks=task_block_indices(num_layers)
-            )
-        lora_target_names(self.backbone, adapter)  # validates the targets before anything changes
-        return adapter
-
-    def _install_adapter_layers(self, adapter: dict) -> None:
-        """Add the layers a method needs: MTLoRA's task layers (always) and peft LoRA (until merged)."""
-        if adapter.get("method") not in ADAPTER_METHODS:
-            return
-        if adapter["method"] == "mtlora":
-            install_task_layers(self.backbone, adapter, self.config.task_names)
-        if adapter.get("merged"):
-            return
-        if LoraConfig is None:
-            raise ImportError(
-                f"A model with unmerged {adapter['method']!r} adapters needs peft: pip install 'peft>=0.18'. "
-                "Merged checkpoints (merge_adapters) load without it."
-            )
-        names = lora_target_names(self.backbone, adapter)
-        lora_config = LoraConfig(
-            r=adapter["rank"],
-            lora_alpha=adapter["alpha"],
-            lora_dropout=adapter["dropout"],
-            target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
-            use_dora=adapter["method"] == "dora",
-            bias="none",
-        )
-        inject_adapter_in_model(lora_config, self.backbone)
-
-    def _set_pooling(self, pooling: str) -> None:
-        if pooling == self.config.pooling:
-            return
-        self.config.pooling = pooling
-        self.config._validate()
-        if pooling == "attention":
-            reference = next(self.heads.parameters())  # the new pooling follows the model's device and dtype
-            self.pooling = SoftBioAttentionPooling(self.config).to(device=reference.device, dtype=reference.dtype)
-            self._init_weights(self.pooling)
-        else:
-            self.pooling = None
-
-    def _freeze_all_but_adapters(self) -> None:
-        for name, param in self.named_parameters():
-            param.requires_grad_(any(marker in name for marker in _ADAPTER_MARKERS))
-        for module in (self.pooling, self.heads, self.loss_weights):
-            if module is not None:
-                module.requires_grad_(True)
-
-    def merge_adapters(self) -> SoftBioModel:
-        """
-        Fold the peft adapters (LoRA, DoRA, MTLoRA's shared ones) into the backbone weights, in place, and
-        return the model: a plain SoftBioModel that runs at full speed and saves/loads without peft.
-        MTLoRA's task-specific layers stay (they are rebuilt from the config when loading).
-        """
-        adapter = self.config.adapter or {}
-        if adapter.get("method") not in ADAPTER_METHODS or adapter.get("merged"):
-            return self
-        for name, module in list(self.backbone.named_modules()):
-            if LoraLayer is not None and isinstance(module, LoraLayer):
-                module.merge()
-                parent_name, _, attribute = name.rpartition(".")
-                setattr(self.backbone.get_submodule(parent_name), attribute, module.get_base_layer())
-        self.config.adapter = {**adapter, "merged": True}
-        return self
-
-    def optimizer_groups(
-        self,
-        lr: float,
-        *,
-        loraplus_ratio: float | None = None,
-        weight_decay: float = 0.01,
-        head_lr: float | None = None,
-    ) -> list[dict]:
-        """
-        Parameter groups for torch.optim, one per kind of trainable parameter: low-rank B matrices (LoRA+:
-        `loraplus_ratio` x lr; default from the config for "loraplus", else 1), the other adapter parameters,
-        backbone blocks, pooling + heads (`head_lr`, default lr) and loss weights. Biases, norms, probes and
-        log-variances get no weight decay.
-        """
-        adapter = self.config.adapter or {}
-        if loraplus_ratio is not None and adapter.get("method") != "loraplus":
-            raise ValueError(
-                f"loraplus_ratio applies to LoRA+ only; this model's method is {adapter.get('method')!r}, whose B "
-                "matrices train at the base rate. For LoRA+, apply_method('loraplus', loraplus_ratio=...)."
-            )
-        ratio = loraplus_ratio or adapter.get("loraplus_ratio") or 1.0
-        rates = {"adapter_B": lr * ratio, "adapter": lr, "backbone": lr, "head": head_lr or lr, "loss_weights": lr}
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            kind = parameter_kind(name)
-            decays = param.ndim >= 2 and kind != "loss_weights" and ".probes." not in name
-            groups.setdefault((kind, decays), []).append(param)
-        return [
-            {
-                "name": kind if decays else f"{kind}_no_decay",
-                "params": params,
-                "lr": rates[kind],
-                "weight_decay": weight_decay if decays else 0.0,
-            }
-            for (kind, decays), params in groups.items()
-        ]
 
     # ---------------------------------------------------------------------------------- build and I/O
     @classmethod
@@ -800,14 +623,6 @@ def refuse_pickled_weights(source) -> None:
         )
 
 
-def check_trainable_blocks(blocks: int, num_layers: int) -> None:
-    if not (blocks == -1 or 0 <= blocks <= num_layers):
-        raise ValueError(
-            f"trainable_blocks={blocks}: use 0 (frozen backbone), 1..{num_layers} (the last k blocks) or -1 "
-            "(the whole backbone)."
-        )
-
-
 def copy_pipeline_code(save_directory: str | os.PathLike) -> None:
     """
     Put the pipeline's files beside the checkpoint (config.custom_pipelines points at them). Copied, not
@@ -819,52 +634,8 @@ def copy_pipeline_code(save_directory: str | os.PathLike) -> None:
             shutil.copy(here / name, Path(save_directory) / name)
 
 
-def lora_target_names(backbone: nn.Module, adapter: dict) -> list[str]:
-    """
-    Backbone linears that get peft LoRA: those whose name ends with a target, in the chosen blocks, minus
-    MTLoRA's task-specific layers (which carry their own shared pair). Unmatched targets are an error.
-    """
-    linears = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
-    targets = adapter["target_modules"]
-
-    def is_target(name: str, target: str) -> bool:
-        return name == target or name.endswith("." + target)
-
-    unmatched = [t for t in targets if not any(is_target(n, t) for n in linears)]
-    if unmatched:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(
-            f"target_modules {unmatched} match no linear layer of the backbone. Its linear layers are named "
-            f"{suffixes} (e.g. {linears[0]!r})."
-        )
-    num_layers = len(backbone.encoder.layers)
-    first = num_layers - adapter["last_k"] if adapter.get("last_k") else 0
-    allowed = {f"encoder.layers.{i}." for i in range(first, num_layers)}
-    excluded = set(task_layer_names(adapter, num_layers)) if adapter["method"] == "mtlora" else set()
-    return [
-        n
-        for n in linears
-        if any(is_target(n, t) for t in targets)
-        and any(n.startswith(prefix) for prefix in allowed)
-        and n not in excluded
-    ]
-
-
-def parameter_kind(name: str) -> str:
-    """Optimizer-group kind of a parameter (see optimizer_groups)."""
-    if any(marker in name for marker in _B_MARKERS):
-        return "adapter_B"
-    if any(marker in name for marker in _ADAPTER_MARKERS):
-        return "adapter"
-    if name.startswith(("pooling", "heads")):
-        return "head"
-    if name.startswith("loss_weights"):
-        return "loss_weights"
-    return "backbone"
-
-
 def parameter_part(name: str) -> str:
-    if any(marker in name for marker in _ADAPTER_MARKERS):
+    if any(marker in name for marker in ADAPTER_MARKERS):
         return "adapters"
     for prefix, part in _PARTS:
         if name.startswith(prefix):

@@ -23,7 +23,14 @@ from train.data import prepare
 from train.evaluate import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = {"configuration_softbio.py", "modeling_softbio.py", "mtlora.py", "pipeline_softbio.py", "faces.py"}
+CODE_FILES = {
+    "configuration_softbio.py",
+    "modeling_softbio.py",
+    "methods.py",
+    "mtlora.py",
+    "pipeline_softbio.py",
+    "faces.py",
+}
 
 
 @dataclass
