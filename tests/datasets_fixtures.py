@@ -72,6 +72,8 @@ FAIRFACE_TRAIN = [
     ("train/4.jpg", "20-29", "Male", "Indian"),
     ("train/5.jpg", "fifty", "Male", "White"),  # unknown age string
     ("train/6.jpg", "30-39", "Female", "Latino_Hispanic"),
+    ("train/11.jpg", "40-49", "Female", "Black"),  # 11 and 13 fall in the validation tenth of the name hash
+    ("train/13.jpg", "60-69", "Male", "Indian"),
 ]
 FAIRFACE_VAL = [("val/1.jpg", "3-9", "Male", "Southeast Asian"), ("val/2.jpg", "10-19", "Female", "Middle Eastern")]
 
@@ -85,7 +87,8 @@ def make_fairface(root: Path, margin_folder: str | None = "fairface-img-margin02
         for i, (file, *_rest) in enumerate(rows):
             write_jpeg(images / file, 300 + i + (10 if "val" in name else 0), size=48)
     Image.new("RGBA", (48, 48), (10, 200, 30, 0)).save(images / "train" / "6.jpg", format="PNG")  # PNG w/ alpha
-    return {"train": 5, "validation": 2, "bad label": 1}
+    # The official val rows are the test split (papers report on them); validation is carved from train.
+    return {"train": 5, "validation": 2, "test": 2, "bad label": 1}
 
 
 RAF_LINES = [
@@ -115,8 +118,14 @@ def make_vggface2(root: Path) -> Path:
         "Class_ID, Name, Sample_Num, Flag, Gender\n"
         'n000001, "Aaron_Tveit", 250, 0, m\n'
         'n000002, "Ada_Lovelace", 300, 1, f\n'
+        'n000003, "Alan_Turing", 120, 0, m\n'  # an identity in the validation tenth of the hash
     )
-    for split, cls, n in (("train", "n000001", 3), ("train", "n000002", 2), ("test", "n000002", 1)):
+    for split, cls, n in (
+        ("train", "n000001", 3),
+        ("train", "n000002", 2),
+        ("train", "n000003", 1),
+        ("test", "n000002", 1),
+    ):
         for i in range(n):
             write_jpeg(root / split / cls / f"{i:04d}_01.jpg", 500 + i + n)
     ages = root / "ages.csv"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +24,13 @@ from datasets_fixtures import (
 from softbio_hf import SoftBioConfig, image_processor_for
 from train.data import (
     IGNORE,
+    Balancing,
     SoftBioCollator,
     age_to_bin,
     balanced_sampler,
     balanced_weights,
     fairface_from_hub,
+    features,
     main,
     prepare,
     stats,
@@ -68,9 +72,14 @@ def test_utkface_prepare_uses_worker_processes(tmp_path):
 
 @pytest.mark.parametrize("margin_folder", ["fairface-img-margin025-trainval", None])
 def test_fairface_labels_and_unknown_age(tmp_path, margin_folder):
-    make_fairface(tmp_path / "ff", margin_folder)
+    expected = make_fairface(tmp_path / "ff", margin_folder)
     splits, report = prepare("fairface", tmp_path / "ff", tmp_path / "out", image_size=32)
-    assert rows_by_split(splits) == {"train": 5, "validation": 2}
+    assert rows_by_split(splits) == {k: expected[k] for k in ("train", "validation", "test")}
+    # test = exactly the official val rows (3-9 male, 10-19 female); validation = train rows 11 and 13
+    assert [(r["age"], r["gender"]) for r in splits["test"]] == [(1, 0), (2, 1)]
+    assert [(r["age"], r["gender"]) for r in splits["validation"]] == [(5, 1), (7, 0)]
+    images = [r["image"].tobytes() for part in splits.values() for r in part]
+    assert len(set(images)) == len(images) == 9  # no row in two splits
     assert report["skipped"]["counts"] == {"bad label": 1}
     assert "fifty" in report["skipped"]["examples"]["bad label"][0]
     train = splits["train"]
@@ -91,7 +100,7 @@ def test_fairface_from_the_hub_layout():
     assert [(r["age"], r["gender"], r["race"], r["split"]) for r in rows] == [
         (8, 1, "White", "train"),
         (2, 0, "East Asian", "train"),
-        (2, 0, "East Asian", "validation"),
+        (2, 0, "East Asian", "test"),  # the Hub's validation split is FairFace's val: reported, so test
     ]
 
 
@@ -109,12 +118,17 @@ def test_rafdb_maps_ids_and_skips_missing_files(tmp_path):
 def test_vggface2_gender_from_meta_and_synthetic_ages(tmp_path):
     ages = make_vggface2(tmp_path / "vgg")
     splits, report = prepare("vggface2", tmp_path / "vgg", tmp_path / "out", image_size=32, age_csv=ages)
-    assert rows_by_split(splits) == {"train": 5, "test": 1}
+    assert rows_by_split(splits) == {"train": 5, "validation": 1, "test": 1}  # validation: identity n000003
     assert report["skipped"]["counts"] == {"bad age": 1}
     train = splits["train"]
     assert train["gender"] == [0, 0, 0, 1, 1]
     assert train["age"] == [4, IGNORE, IGNORE, IGNORE, 8]
     assert set(train["dataset"]) == {"vggface2"}
+    # Without an age CSV (the study's gender column): every row is a gender row, no age.
+    gender_only, report = prepare("vggface2", tmp_path / "vgg", tmp_path / "out2", image_size=32)
+    assert rows_by_split(gender_only) == {"train": 5, "validation": 1, "test": 1}
+    assert report["skipped"]["counts"] == {}
+    assert all(r["age"] == IGNORE and r["gender"] in (0, 1) for part in gender_only.values() for r in part)
 
 
 def test_own_folder_with_metadata(tmp_path):
@@ -167,21 +181,84 @@ def test_stats_tables_and_cli(tmp_path, capsys):
 
     raf = stats(load_from_disk(str(tmp_path / "r"))["train"])
     emotion = {row["label"]: row for row in raf["classes"]["emotion"]}
-    assert emotion["happy"]["samples"] == 2 and emotion["happy"]["share"] == pytest.approx(40.0)
-    assert emotion["happy"]["weighted"] == pytest.approx(100 * np.sqrt(2) / (3 + np.sqrt(2)), abs=0.01)
-    assert emotion["disgust"]["samples"] == 0 and emotion["disgust"]["weighted"] == 0
+    assert emotion["happy"]["n"] == 2 and emotion["happy"]["share"] == pytest.approx(40.0)
+    # the study's mix: half the share plus half uniform over the 4 classes present
+    assert emotion["happy"]["draw_share"] == pytest.approx(100 * (0.5 * 0.4 + 0.5 / 4), abs=0.01)
+    assert emotion["disgust"]["n"] == 0 and emotion["disgust"]["draw_share"] == 0
+    power = stats(load_from_disk(str(tmp_path / "r"))["train"], Balancing("power", class_alpha=0.5))
+    happy = next(row for row in power["classes"]["emotion"] if row["label"] == "happy")
+    assert happy["draw_share"] == pytest.approx(100 * np.sqrt(2) / (3 + np.sqrt(2)), abs=0.01)
 
     assert main(["stats", str(tmp_path / "r"), str(tmp_path / "f"), "--json"]) == 0
     combined = json.loads(capsys.readouterr().out)
-    assert combined["rows"] == 7
-    assert combined["coverage"] == {
-        "age": {"samples": 2, "share": 28.57},
-        "gender": {"samples": 1, "share": 14.29},
-        "emotion": {"samples": 6, "share": 85.71},
+    assert combined["rows"] == 7 and combined["split"] == "train"
+    assert combined["datasets"] == {"mine": 2, "rafdb": 5}  # a folder dataset is named after its folder
+    assert {task: (row["n"], row["share"]) for task, row in combined["coverage"].items()} == {
+        "age": (2, 28.57),
+        "gender": (1, 14.29),
+        "emotion": (6, 85.71),
     }
     assert main(["stats", str(tmp_path / "r")]) == 0
     table = capsys.readouterr().out
-    assert "weighted %" in table and "n_c^(1-alpha)" in table and "happy" in table
+    assert "train split: 5 rows (rafdb 5)" in table and "draw %" in table and "happy" in table
+
+
+# The study's training mix (Table 4.2): samples per class and the "Weighted %" column.
+TABLE_4_2 = {
+    "age": (
+        [2935, 15699, 16032, 29784, 24462, 17976, 14413, 10618, 4828],
+        [6.63, 11.31, 11.36, 16.37, 14.56, 12.14, 10.89, 9.44, 7.31],
+    ),
+    "gender": ([82147, 86215], [49.26, 50.74]),
+    "emotion": ([912, 218, 544, 3701, 1301, 556, 1983], [12.14, 8.44, 9.99, 26.85, 14.20, 10.25, 18.13]),
+}
+
+
+def study_mix(out: Path, scale: int = 10) -> Path:
+    """A prepared folder with Table 4.2's class proportions (counts / scale): age + gender rows (as UTKFace and
+    FairFace) and emotion-only rows (as RAF-DB), one tiny image shared by all."""
+    rng = np.random.default_rng(0)
+    ages = np.repeat(np.arange(9), [round(n / scale) for n in TABLE_4_2["age"][0]])
+    emotions = np.repeat(np.arange(7), [round(n / scale) for n in TABLE_4_2["emotion"][0]])
+    male_share = TABLE_4_2["gender"][0][0] / sum(TABLE_4_2["gender"][0])
+    genders = (rng.random(len(ages)) > male_share).astype(int)  # independent of age, as in the data
+    n_age, n_emotion = len(ages), len(emotions)
+    buffer = io.BytesIO()
+    face_like(0, 16).save(buffer, format="JPEG")
+    image = {"bytes": buffer.getvalue(), "path": None}
+    columns = {
+        "image": [image] * (n_age + n_emotion),
+        "age": [*ages.tolist(), *[IGNORE] * n_emotion],
+        "gender": [*genders.tolist(), *[IGNORE] * n_emotion],
+        "emotion": [*[IGNORE] * n_age, *emotions.tolist()],
+        "age_years": [None] * (n_age + n_emotion),
+        "race": [None] * (n_age + n_emotion),
+        "dataset": ["mix"] * (n_age + n_emotion),
+        "split": ["train"] * (n_age + n_emotion),
+    }
+    DatasetDict({"train": Dataset.from_dict(columns, features=features())}).save_to_disk(str(out))
+    return out
+
+
+def test_stats_of_the_study_config_give_table_4_2_weighted_column_and_the_sampler_draws_it(tmp_path, capsys):
+    folder = study_mix(tmp_path / "mix")
+    assert main(["stats", str(folder), "--config", "train/configs/lora.yaml", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["balancing"]["class_balance"] == "mix" and result["balancing"]["class_mix"] == 0.5
+    for task in ("age", "emotion"):
+        draw = [row["draw_share"] for row in result["classes"][task]]
+        assert np.allclose(draw, TABLE_4_2[task][1], atol=0.5), (task, draw)
+    # a long draw of the training sampler lands on draw_share, to sampling noise (5 sigma)
+    dataset = load_from_disk(str(folder))["train"]
+    draws = 400_000
+    drawn = np.fromiter(iter(balanced_sampler(dataset, num_samples=draws, seed=3)), dtype=np.int64)
+    for task in ("age", "gender", "emotion"):
+        column = np.asarray(dataset[task])[drawn]
+        labelled = column[column != IGNORE]
+        measured = np.bincount(labelled, minlength=len(result["classes"][task])) / len(labelled)
+        expected = np.array([row["draw_share"] for row in result["classes"][task]]) / 100
+        sigma = np.sqrt(expected * (1 - expected) / len(labelled))
+        assert np.all(np.abs(measured - expected) <= 5 * sigma + 0.0001), (task, measured, expected)
 
 
 def skewed() -> Dataset:
@@ -192,17 +269,17 @@ def skewed() -> Dataset:
 
 def test_balanced_weights_follow_the_formula():
     data = skewed()
-    weights = balanced_weights(data, class_alpha=1.0, task_alpha=1.0)
+    weights = balanced_weights(data, Balancing("power", class_alpha=1.0, task_alpha=1.0))
     gender_mass, emotion_mass = weights[:900].sum(), weights[900:].sum()
     assert gender_mass == pytest.approx(emotion_mass)  # tasks balanced
     assert weights[:800].sum() == pytest.approx(weights[800:900].sum())  # classes balanced
     assert weights[900:990].sum() == pytest.approx(weights[990:].sum())
-    natural = balanced_weights(data, class_alpha=0.0, task_alpha=0.0)
+    natural = balanced_weights(data, Balancing("mix", class_mix=0.0, task_alpha=0.0))
     assert np.allclose(natural, natural[0])  # alpha 0: as the data comes
 
 
 def test_balanced_sampler_draws_rare_classes():
-    sampler = balanced_sampler(skewed(), num_samples=20_000, seed=0, class_alpha=1.0, task_alpha=1.0)
+    sampler = balanced_sampler(skewed(), 20_000, seed=0, balancing=Balancing("mix", class_mix=1.0, task_alpha=1.0))
     drawn = np.bincount(np.fromiter(iter(sampler), dtype=np.int64), minlength=1000)
     fear_share = drawn[990:].sum() / drawn.sum()
     assert 0.22 < fear_share < 0.28  # a quarter: half the draws are emotion rows, half of those fear

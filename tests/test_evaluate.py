@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from datasets_fixtures import make_fairface, make_rafdb, make_utkface
+from datasets_fixtures import make_fairface, make_rafdb, make_utkface, make_vggface2
 
 from softbio_hf import SoftBioModel
 from train.data import prepare
@@ -111,6 +111,23 @@ def run_cli(*args) -> int:
     return main([str(a) for a in args])
 
 
+def test_the_readme_command_scores_the_three_benchmarks_on_their_test_splits(prepared, tiny_clip_dir, tmp_path):
+    """README's `evaluate --data data/utkface data/fairface data/rafdb` (default --split test); with VGGFace2
+    prepared without ages (gender only), the summary follows the study: gender over all four, age without it."""
+    make_vggface2(tmp_path / "raw-vgg")
+    prepare("vggface2", tmp_path / "raw-vgg", tmp_path / "vggface2", image_size=32)
+    data = [prepared["utkface"], prepared["fairface"], prepared["rafdb"], tmp_path / "vggface2"]
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", *data, "--out", tmp_path / "eval") == 0
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["split"] == "test"
+    assert set(report["results"]) == {"utkface", "fairface", "rafdb", "vggface2"}
+    assert report["results"]["fairface"]["age"]["n"] == 2  # FairFace's official val rows
+    results, summary = report["results"], report["summary"]
+    gender = [results[d]["gender"]["accuracy"] for d in ("utkface", "fairface", "vggface2")]
+    assert summary["gender"] == pytest.approx(np.mean(gender))
+    assert summary["age"] == pytest.approx(np.mean([results[d]["age"]["accuracy"] for d in ("utkface", "fairface")]))
+
+
 def test_cli_writes_results_report_and_plots(prepared, tiny_clip_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     data = [prepared["utkface"], prepared["fairface"], prepared["rafdb"]]
@@ -203,9 +220,9 @@ def test_a_folder_that_is_not_prepared_names_the_command(tmp_path, tiny_clip_dir
 
 
 def test_a_missing_split_is_named(prepared, tiny_clip_dir, capsys):
-    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["fairface"], "--split", "test") == 2
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["rafdb"], "--split", "val") == 2
     error = capsys.readouterr().err
-    assert "no 'test' split" in error and "['train', 'validation']" in error
+    assert "no 'val' split" in error and "['test', 'train', 'validation']" in error
 
 
 def test_a_model_with_other_labels_is_refused(prepared, tiny_config, tmp_path, capsys):

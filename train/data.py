@@ -225,11 +225,21 @@ def _fairface_image_root(root: Path, margin: str) -> Path:
     raise _missing("fairface", root / f"fairface-img-margin{tag}-trainval" / "train")
 
 
+def carved_split(official: str, key: str) -> str:
+    """A benchmark that publishes train and test (or val, reported as test) but no validation set: its official
+    held-out rows stay test, and 10% of its training rows (by a hash of `key`, the same everywhere) become the
+    validation split, so a best checkpoint is never chosen on the rows that are reported."""
+    if official != "train":
+        return "test"
+    return "validation" if hashed_split(key, validation=0.1, test=0.0) == "validation" else "train"
+
+
 def read_fairface(root: Path, skips: SkipReport, margin: str = "0.25") -> list[dict]:
-    """FairFace CSVs (`file,age,gender,race,service_test`) and images; its val set is our validation split."""
+    """FairFace CSVs (`file,age,gender,race,service_test`) and images. Papers report on its val set, so val is our
+    test split; validation is carved from train by the name hash (carved_split)."""
     images = _fairface_image_root(root, margin)
     rows = []
-    for csv_name, split in (("fairface_label_train.csv", "train"), ("fairface_label_val.csv", "validation")):
+    for csv_name, official in (("fairface_label_train.csv", "train"), ("fairface_label_val.csv", "test")):
         table = root / csv_name
         if not table.is_file():
             raise _missing("fairface", table)
@@ -249,7 +259,7 @@ def read_fairface(root: Path, skips: SkipReport, margin: str = "0.25") -> list[d
                     make_row(
                         str(images / record["file"]),
                         "fairface",
-                        split,
+                        carved_split(official, record["file"]),
                         age=age,
                         gender=gender,
                         race=(record.get("race") or None),
@@ -261,7 +271,7 @@ def read_fairface(root: Path, skips: SkipReport, margin: str = "0.25") -> list[d
 def fairface_from_hub(dataset_dict) -> list[dict]:
     """The Hub copy `HuggingFaceM4/FairFace` (ClassLabel columns age, gender, race) as unified rows."""
     rows = []
-    for hub_split, split in (("train", "train"), ("validation", "validation")):
+    for hub_split, official in (("train", "train"), ("validation", "test")):
         if hub_split not in dataset_dict:
             continue
         part = dataset_dict[hub_split]
@@ -274,7 +284,7 @@ def fairface_from_hub(dataset_dict) -> list[dict]:
                 make_row(
                     f"hub:{hub_split}/{index}",
                     "fairface",
-                    split,
+                    carved_split(official, f"{hub_split}/{index}"),
                     image_bytes=buffer.getvalue(),
                     age=parse_age(names["age"][record["age"]])[0],
                     gender=parse_label(names["gender"][record["gender"]], "gender"),
@@ -285,11 +295,8 @@ def fairface_from_hub(dataset_dict) -> list[dict]:
 
 
 def rafdb_split(name: str) -> str:
-    """RAF-DB's official test set stays test; it has no validation set, so 10% of its training images (by a
-    hash of the name, the same everywhere) become one: a best checkpoint is never chosen on test images."""
-    if not name.startswith("train"):
-        return "test"
-    return "validation" if hashed_split(name, validation=0.1, test=0.0) == "validation" else "train"
+    """RAF-DB's official test set stays test; 10% of its training images become the validation split."""
+    return carved_split("train" if name.startswith("train") else "test", name)
 
 
 def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
@@ -318,7 +325,8 @@ def read_rafdb(root: Path, skips: SkipReport) -> list[dict]:
 
 
 def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) -> list[dict]:
-    """VGGFace2 with gender from identity_meta.csv and ages from a user CSV (`file,age`, file as class/img.jpg)."""
+    """VGGFace2 with gender from identity_meta.csv and, optionally, ages from a user CSV (`file,age`, file as
+    class/img.jpg; model estimates, so kept apart in reports). Without the CSV every row is a gender row."""
     meta = root / "identity_meta.csv"
     if not meta.is_file():
         raise _missing("vggface2", meta)
@@ -335,7 +343,7 @@ def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) ->
         with open_table(Path(age_csv)) as handle:
             ages = {(r.get("file") or "").strip(): r.get("age") or "" for r in csv.DictReader(handle)}
     rows = []
-    for split_dir, split in (("train", "train"), ("test", "test")):
+    for split_dir in ("train", "test"):
         for path in sorted((root / split_dir).glob("*/*.jpg")):
             key = f"{path.parent.name}/{path.name}"
             labels: dict[str, Any] = {"gender": genders.get(path.parent.name, IGNORE)}
@@ -347,7 +355,8 @@ def read_vggface2(root: Path, skips: SkipReport, age_csv: Path | None = None) ->
             if labels["gender"] == IGNORE and "age" not in labels:
                 skips.add("no label", key)
                 continue
-            rows.append(make_row(str(path), "vggface2", split, **labels))
+            # By identity: its official test identities are unseen in train, and so are the validation ones.
+            rows.append(make_row(str(path), "vggface2", carved_split(split_dir, path.parent.name), **labels))
     if not rows:
         raise _missing("vggface2", root / "train" / "<class_id>" / "<image>.jpg")
     return rows
@@ -560,13 +569,122 @@ def replace_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------ balancing
+CLASS_BALANCE_MODES = ("mix", "power")
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """
+    How training draws its rows (the `data` section of a training config).
+
+    Within each task, class c gets a target share of the draws labelled for that task:
+    - `mix` (the study's Table 4.2 "Weighted %"): (1 - class_mix) x share_c + class_mix / K, K the classes present;
+    - `power`: n_c^(1 - class_alpha), normalised (0: as the data comes, 1: uniform).
+    Across tasks, task t's rows start in proportion to N_t^(1 - task_alpha) (0: as the data comes, 1: balanced).
+    """
+
+    class_balance: str = "mix"
+    class_mix: float = 0.5
+    class_alpha: float = 0.5
+    task_alpha: float = 0.5
+
+    @classmethod
+    def from_config(cls, data: dict[str, Any]) -> Balancing:
+        return cls(**{key: data[key] for key in ("class_balance", "class_mix", "class_alpha", "task_alpha")})
+
+    def class_targets(self, counts: np.ndarray) -> np.ndarray:
+        """Target share of draws per class (0 for a class with no row)."""
+        present = counts > 0
+        if not present.any():
+            return np.zeros(len(counts))
+        if self.class_balance == "mix":
+            shares = counts / counts.sum()
+            return np.where(present, (1 - self.class_mix) * shares + self.class_mix / present.sum(), 0.0)
+        if self.class_balance == "power":
+            powered = np.where(present, counts.astype(float) ** (1.0 - self.class_alpha), 0.0)
+            return powered / powered.sum()
+        raise ValueError(f"class_balance={self.class_balance!r}; choose one of {CLASS_BALANCE_MODES}.")
+
+    def describe(self) -> str:
+        rule = (
+            f"(1 - {self.class_mix}) x share + {self.class_mix} / classes"
+            if self.class_balance == "mix"
+            else f"n_c^(1 - {self.class_alpha}), normalised"
+        )
+        return f"class balance {self.class_balance}: {rule}; task_alpha {self.task_alpha}"
+
+
+def label_columns(dataset, tasks: Sequence[str] = TASKS) -> dict[str, np.ndarray]:
+    """Each task's label column as integers (-100 where a row has none or the dataset lacks the column)."""
+    return {
+        task: np.asarray(dataset[task], dtype=np.int64)
+        if task in dataset.column_names
+        else np.full(len(dataset), IGNORE, dtype=np.int64)
+        for task in tasks
+    }
+
+
+def draw_shares(labels: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """
+    The expected class frequencies of a long weighted draw, per task, among the drawn rows labelled for it: what
+    the loss of that task really sees (a row drawn for one task also brings its labels of the others).
+    """
+    shares = {}
+    for task, column in labels.items():
+        labelled = column != IGNORE
+        classes = len(task_labels()[task])
+        mass = np.bincount(column[labelled], weights=weights[labelled], minlength=classes)
+        shares[task] = mass / mass.sum() if mass.sum() > 0 else mass
+    return shares
+
+
+def balanced_weights(
+    dataset, balancing: Balancing | None = None, tasks: Sequence[str] = TASKS, iterations: int = 200
+) -> np.ndarray:
+    """
+    Row weights for torch's WeightedRandomSampler whose draws give every task exactly its target class shares.
+
+    Start: per task, class c's rows share the task's mass N_t^(1 - task_alpha) in proportion to the class target;
+    a row labelled for several tasks takes its largest weight. Then raking (iterative proportional fitting):
+    rescale each task's classes to their targets in turn until all agree at once, since a row drawn for one
+    task also carries its labels of the others. Unlabelled rows get 0.
+    """
+    balancing = balancing or Balancing()
+    labels = label_columns(dataset, tasks)
+    targets, weights = {}, np.zeros(len(dataset), dtype=np.float64)
+    for task, column in labels.items():
+        labelled = column != IGNORE
+        if not labelled.any():
+            continue
+        counts = np.bincount(column[labelled], minlength=len(task_labels()[task])).astype(float)
+        targets[task] = balancing.class_targets(counts)
+        per_row = np.divide(targets[task], counts, out=np.zeros_like(counts), where=counts > 0)
+        task_weights = np.zeros(len(dataset))
+        task_weights[labelled] = labelled.sum() ** (1.0 - balancing.task_alpha) * per_row[column[labelled]]
+        weights = np.maximum(weights, task_weights)
+    for _ in range(iterations):
+        shares = draw_shares({t: labels[t] for t in targets}, weights)
+        if all(np.abs(shares[t] - targets[t]).max() < 1e-9 for t in targets):
+            break
+        for task, target in targets.items():
+            column = labels[task]
+            labelled = column != IGNORE
+            current = draw_shares({task: column}, weights)[task]
+            factor = np.divide(target, current, out=np.zeros_like(target), where=current > 0)
+            weights[labelled] *= factor[column[labelled]]
+    return weights
+
+
+def balanced_sampler(dataset, num_samples: int | None = None, seed: int = 0, balancing: Balancing | None = None):
+    import torch
+
+    weights = torch.as_tensor(balanced_weights(dataset, balancing))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples or len(dataset), True, generator=generator)
+
+
 # --------------------------------------------------------------------------------------------- stats
-def smoothed_shares(counts: np.ndarray, alpha: float) -> np.ndarray:
-    """Class shares after class-balanced sampling with exponent alpha: n_c^(1-alpha) / sum_k n_k^(1-alpha)."""
-    powered = np.where(counts > 0, counts.astype(float) ** (1.0 - alpha), 0.0)
-    return powered / powered.sum() if powered.sum() else powered
-
-
 def load_prepared(paths: Iterable[str | Path], split: str = "train"):
     """
     Several prepared datasets as one: the given split of each, concatenated (they share the unified schema,
@@ -579,79 +697,69 @@ def load_prepared(paths: Iterable[str | Path], split: str = "train"):
     for path in tqdm(list(paths), desc="load prepared datasets", unit="dataset"):
         loaded = load_from_disk(str(path))
         if split not in loaded:
-            raise ValueError(f"{path} has no {split!r} split; it has {list(loaded)}.")
+            raise ValueError(
+                f"{path} has no {split!r} split; it has {list(loaded)}. Prepare it again with "
+                "python -m train.data prepare (current versions write train, validation and test where the "
+                "benchmark has them), or choose another split."
+            )
         parts.append(loaded[split])
     return concatenate_datasets(parts)
 
 
-def stats(dataset, alpha: float = 0.5) -> dict[str, Any]:
-    """Per task: samples, share and smoothed ('weighted') share per class; coverage per task."""
+def stats(dataset, balancing: Balancing | None = None, split: str | None = None) -> dict[str, Any]:
+    """
+    Per task and class: `n`, `share` (% of the task's labelled rows) and `draw_share` (% of the task's labelled
+    draws that training makes under `balancing`, the exact expectation of balanced_sampler). Coverage per task
+    (`draw_share`: % of draws that carry the task's label), rows per dataset.
+    """
+    balancing = balancing or Balancing()
     total = len(dataset)
+    labels = label_columns(dataset)
+    weights = balanced_weights(dataset, balancing)
+    drawn = draw_shares(labels, weights)
     tables, coverage = {}, {}
-    for task, labels in task_labels().items():
-        column = np.asarray(dataset[task], dtype=np.int64)
-        labelled = column[column != IGNORE]
-        counts = np.bincount(labelled, minlength=len(labels))
-        weighted = smoothed_shares(counts, alpha)
+    for task, names in task_labels().items():
+        labelled = labels[task] != IGNORE
+        counts = np.bincount(labels[task][labelled], minlength=len(names))
         tables[task] = [
             {
                 "label": label,
-                "samples": int(n),
-                "share": round(100 * n / max(1, len(labelled)), 2),
-                "weighted": round(100 * float(w), 2),
+                "n": int(n),
+                "share": round(100 * n / max(1, labelled.sum()), 2),
+                "draw_share": round(100 * float(d), 2),
             }
-            for label, n, w in zip(labels, counts, weighted, strict=True)
+            for label, n, d in zip(names, counts, drawn[task], strict=True)
         ]
-        coverage[task] = {"samples": len(labelled), "share": round(100 * len(labelled) / max(1, total), 2)}
-    return {"rows": total, "alpha": alpha, "classes": tables, "coverage": coverage}
+        coverage[task] = {
+            "n": int(labelled.sum()),
+            "share": round(100 * labelled.sum() / max(1, total), 2),
+            "draw_share": round(100 * weights[labelled].sum() / max(weights.sum(), 1e-300), 2),
+        }
+    datasets = Counter(dataset["dataset"]) if "dataset" in dataset.column_names else Counter()
+    return {
+        "split": split,
+        "rows": total,
+        "datasets": dict(sorted(datasets.items())),
+        "balancing": {**balancing.__dict__, "rule": balancing.describe()},
+        "classes": tables,
+        "coverage": coverage,
+    }
 
 
 def format_stats(result: dict[str, Any]) -> str:
+    per_dataset = ", ".join(f"{name} {n:,}" for name, n in result["datasets"].items())
     lines = [
-        f"{result['rows']:,} rows. weighted % = share after class-balanced sampling with exponent "
-        f"alpha={result['alpha']}: n_c^(1-alpha) / sum_k n_k^(1-alpha)."
+        f"{result['split'] or 'all'} split: {result['rows']:,} rows ({per_dataset}).",
+        f"draw % = share of the task's labelled training draws under {result['balancing']['rule']}.",
     ]
     for task, rows in result["classes"].items():
-        lines += ["", f"{task:<10} {'samples':>9} {'%':>7} {'weighted %':>11}"]
-        lines += [f"{r['label']:<10} {r['samples']:>9,} {r['share']:>6.2f}% {r['weighted']:>10.2f}%" for r in rows]
-    lines += ["", f"{'task':<10} {'samples':>9} {'%':>7}"]
+        lines += ["", f"{task:<10} {'n':>9} {'%':>7} {'draw %':>8}"]
+        lines += [f"{r['label']:<10} {r['n']:>9,} {r['share']:>6.2f}% {r['draw_share']:>7.2f}%" for r in rows]
+    lines += ["", f"{'task':<10} {'n':>9} {'%':>7} {'draw %':>8}"]
     for task, row in result["coverage"].items():
-        lines.append(f"{task:<10} {row['samples']:>9,} {row['share']:>6.2f}%")
+        lines.append(f"{task:<10} {row['n']:>9,} {row['share']:>6.2f}% {row['draw_share']:>7.2f}%")
     lines.append(f"{'total':<10} {result['rows']:>9,} {'-':>7}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------ sampling
-def balanced_weights(dataset, class_alpha: float = 0.5, task_alpha: float = 0.5, tasks: Sequence[str] = TASKS):
-    """
-    Row weights for torch's WeightedRandomSampler. Within a task, class c is drawn in proportion to
-    n_c^(1-class_alpha); across tasks, task t's rows in proportion to N_t^(1-task_alpha) (0 = as the data
-    comes, 1 = balanced). A row labelled for several tasks takes its largest weight; unlabelled rows get 0.
-    """
-    weights = np.zeros(len(dataset), dtype=np.float64)
-    for task in tasks:
-        column = np.asarray(dataset[task], dtype=np.int64)
-        labelled = column != IGNORE
-        if not labelled.any():
-            continue
-        counts = np.bincount(column[labelled], minlength=len(task_labels()[task])).astype(float)
-        per_class = np.zeros_like(counts)
-        present = counts > 0
-        per_class[present] = counts[present] ** (-class_alpha)
-        task_mass = labelled.sum() ** (1.0 - task_alpha)
-        per_class *= task_mass / (counts * per_class).sum()
-        task_weights = np.zeros(len(dataset))
-        task_weights[labelled] = per_class[column[labelled]]
-        weights = np.maximum(weights, task_weights)
-    return weights
-
-
-def balanced_sampler(dataset, num_samples: int | None = None, seed: int = 0, **alphas: float):
-    import torch
-
-    weights = torch.as_tensor(balanced_weights(dataset, **alphas))
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.WeightedRandomSampler(weights, num_samples or len(dataset), True, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------ collator
@@ -731,12 +839,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--age-csv", default=None, help="VGGFace2: CSV of estimated ages (columns file,age)")
     show = commands.add_parser(
         "stats",
-        help="class and coverage tables of prepared datasets",
-        description="Per task: samples, share and class-balanced 'weighted %' per class, and the coverage table.",
+        help="class and coverage tables of prepared datasets, and what training draws",
+        description="Per task and class: n, share and draw share (what training draws under the balancing of "
+        "--config, or the study's default: half the class share plus half uniform); coverage per task; rows per "
+        "dataset.",
     )
-    show.add_argument("paths", nargs="+", help="prepared dataset folders (combined)")
+    show.add_argument("paths", nargs="*", help="prepared dataset folders, combined (default: --config's data.train)")
     show.add_argument("--split", default="train", help="which split to describe (default train)")
-    show.add_argument("--alpha", type=float, default=0.5, help="class-balancing exponent for 'weighted %%'")
+    show.add_argument(
+        "--config", default=None, help="a training config (file, or a name in train/configs): its data balancing"
+    )
     show.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
@@ -766,7 +878,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{report['images_per_second']} images/s"
             )
         else:
-            result = stats(load_prepared(args.paths, args.split), alpha=args.alpha)
+            balancing, paths = Balancing(), args.paths
+            if args.config:
+                from train.train import add_present_folders, load_config
+
+                data = load_config(args.config)["data"]
+                add_present_folders(data)
+                balancing, paths = Balancing.from_config(data), paths or data["train"]
+            if not paths:
+                raise ValueError("stats: give prepared dataset folders, or --config with data.train.")
+            result = stats(load_prepared(paths, args.split), balancing, split=args.split)
             print(json.dumps(result, indent=2) if args.json else format_stats(result))
     except (OSError, ValueError) as error:  # a missing, unreadable or unwritable path, or a bad value
         print(f"error: {error}", file=sys.stderr)
