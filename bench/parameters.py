@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import argparse
 
-ROWS = [
-    ("ZS", "zs", {}, "cls"),
-    ("LP", "lp", {}, "attention"),
-    ("FT4", "ft", {"last_k": 4}, "attention"),
-    ("LoRA r16", "lora", {"rank": 16}, "attention"),
-    ("DoRA r16", "dora", {"rank": 16}, "attention"),
-    ("MTLoRA 16/4", "mtlora", {"rank": 16, "task_rank": 4}, "attention"),
-]
+# The study's rows, each as its config in train/configs says (the config is the single source of truth).
+ROWS = [("ZS", "zs"), ("LP", "lp"), ("FT4", "ft4"), ("LoRA", "lora"), ("DoRA", "dora"), ("MTLoRA", "mtlora")]
 
 
 def report(config_kwargs: dict | None = None) -> list[dict]:
     import torch
 
     from softbio_hf import SoftBioConfig, SoftBioModel
+    from train.train import apply_configured_method, load_config
 
     rows = []
-    for title, method, options, pooling in ROWS:
+    for title, name in ROWS:
+        config = load_config(name)
+        model_options = {k: config["model"][k] for k in ("pooling_heads", "pooling_mlp_ratio", "normalize_features")}
         with torch.device("meta"):
-            model = SoftBioModel(SoftBioConfig(pooling=pooling, **(config_kwargs or {})))
-            model.apply_method(method, **options)
+            model = SoftBioModel(SoftBioConfig(pooling="cls", **model_options, **(config_kwargs or {})))
+            apply_configured_method(model, config)
         parts = {row["part"]: row for row in model.parameter_report()}
         trainable_parts = {p: r["trainable"] for p, r in parts.items() if r["trainable"] and p != "total"}
-        rows.append({"method": title, **parts["total"], "parts": trainable_parts})
+        method = config["method"]
+        settings = f"r{method['rank']}" if method["name"] in ("lora", "dora") else ""
+        if method["name"] == "mtlora":
+            settings = f"{method['rank']}/{method['task_rank']}"
+        heads = config["model"]["head_hidden_size"]
+        settings += (", " if settings else "") + (f"MLP heads {heads}" if heads else "linear heads")
+        rows.append({"method": f"{title} ({settings})", **parts["total"], "parts": trainable_parts})
     return rows
 
 

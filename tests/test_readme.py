@@ -37,3 +37,22 @@ def test_readme_python_blocks_run_in_order(tiny_clip_dir, tmp_path, monkeypatch)
     assert namespace["faces"] and "age" in namespace["faces"][0]  # the pipeline block found the astronaut
     assert set(namespace["out"].logits) == {"age", "gender", "emotion"}
     assert (tmp_path / "out" / "model.safetensors").is_file()  # the methods block shipped a checkpoint
+
+
+def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_counts():
+    """docs/STUDY.md says what each run compares with; its quoted settings must be the configs' own."""
+    from bench.parameters import report
+    from train.train import load_config
+
+    study = (REPO / "docs" / "STUDY.md").read_text()
+    assert "(docs/STUDY.md)" in (REPO / "README.md").read_text()
+    lora, mtlora = load_config("lora"), load_config("mtlora")
+    assert lora["model"]["head_hidden_size"] == 512 and "**512** units" in study
+    assert lora["data"]["class_balance"] == "mix" and lora["data"]["class_mix"] == 0.5
+    assert (
+        f"shared rank {mtlora['method']['rank']} everywhere; task-specific rank {mtlora['method']['task_rank']}"
+        in study
+    )
+    trainable = {row["method"].split()[0]: row["trainable"] for row in report()}
+    for method in ("LP", "FT4", "LoRA", "DoRA", "MTLoRA"):
+        assert f"{method} {trainable[method] / 1e6:.1f}M" in study, method

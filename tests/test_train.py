@@ -160,7 +160,8 @@ def test_two_processes_match_one_with_the_same_global_batch(synthetic, tiny_clip
 def test_a_task_without_training_labels_is_left_untrained_and_other_sizes_resized(tiny_clip_dir, tmp_path, capsys):
     make_synthetic_folder(tmp_path / "raw", rows=60, emotion_share=0.0)
     prepare("folder", tmp_path / "raw", tmp_path / "data", image_size=40)  # the model takes 32 px
-    extra = {"train.max_steps": 5, "data.eval": "[]", "checkpoint.every": 0}
+    # linear heads: an untrained one keeps its zero-shot weights, which a fresh build reproduces
+    extra = {"train.max_steps": 5, "data.eval": "[]", "checkpoint.every": 0, "model.head_hidden_size": 0}
     config = load_config("lp", settings(tmp_path / "data", tiny_clip_dir, tmp_path / "run", **extra))
     summary = run_training(config)
     assert summary["untrained_heads"] == ["emotion"]
@@ -188,6 +189,27 @@ def test_zero_shot_row_is_evaluation_only(synthetic, tiny_clip_dir, tmp_path):
             torch.testing.assert_close(logits, expected[task])
     with pytest.raises(ValueError, match=r"model\.pooling=cls"):
         build_model(load_config("zs", ["model.pooling=attention"]))
+
+
+def test_the_heads_width_is_a_training_setting(synthetic, tiny_clip_dir, tmp_path, capsys):
+    from softbio_hf import SoftBioModel
+
+    out = tmp_path / "mlp256"
+    assert (
+        main(["--config", "lp", "--set", *settings(synthetic, tiny_clip_dir, out, **{"model.head_hidden_size": 256})])
+        == 0
+    )
+    shipped = SoftBioModel.from_pretrained(out / "best")
+    assert shipped.config.head_hidden_size == 256
+    assert all(head.hidden[0].out_features == 256 for head in shipped.heads.values())
+    results = json.loads((out / "eval" / "results.json").read_text())["results"]
+    accuracy = {task: metrics["accuracy"] for task, metrics in next(iter(results.values())).items()}
+    assert accuracy["gender"] >= 90 and accuracy["age"] >= 70, accuracy  # MLP heads learn too
+    linear = load_config("lp", settings(synthetic, tiny_clip_dir, tmp_path / "x", **{"model.head_hidden_size": 0}))
+    assert isinstance(build_model(linear).heads["age"].hidden, torch.nn.Identity)
+    # zero-shot heads are text embeddings: linear only, said before any work
+    assert main(["--config", "zs", "--set", "model.head_hidden_size=64", f"model.backbone={tiny_clip_dir}"]) == 2
+    assert "zero-shot heads are CLIP text embeddings" in capsys.readouterr().err
 
 
 def test_several_runs_in_one_process_each_choose_their_precision(synthetic, tiny_clip_dir, tmp_path):

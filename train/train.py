@@ -18,6 +18,7 @@ import copy
 import difflib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -46,12 +47,24 @@ DEFAULTS: dict[str, Any] = {
         "task_rank": 4,
         "task_scale": 1.0,
     },
-    "model": {"backbone": "openai/clip-vit-large-patch14-336", "pooling": "attention", "head_dropout": 0.0},
+    # SoftBioConfig's options that training can change (the rest follow from the backbone or the method).
+    "model": {
+        "backbone": "openai/clip-vit-large-patch14-336",
+        "pooling": "attention",
+        "pooling_heads": None,  # the backbone's
+        "pooling_mlp_ratio": 4.0,
+        "normalize_features": True,
+        "head_hidden_size": 0,  # 0: linear heads; > 0: one-hidden-layer MLP heads (trainable methods only)
+        "head_dropout": 0.0,
+    },
     "data": {
         "train": [],
         "eval": [],
+        "if_present": [],  # folders added to train and eval when they exist (the study: data/vggface2)
         "eval_split": "validation",
         "test_split": "test",
+        "class_balance": "mix",
+        "class_mix": 0.5,
         "class_alpha": 0.5,
         "task_alpha": 0.5,
         "augment": True,
@@ -92,9 +105,15 @@ RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
     "method.task_rank": ((int, dict), None, "an integer or a task -> integer mapping"),
     "method.task_scale": (FLOAT, lambda v: v > 0, "a number > 0"),
     "model.pooling": ((str,), lambda v: v in ("attention", "cls"), "attention or cls"),
+    "model.pooling_heads": (OPTIONAL_INT, lambda v: v is None or v > 0, "an integer > 0 or null (the backbone's)"),
+    "model.pooling_mlp_ratio": (FLOAT, lambda v: v > 0, "a number > 0"),
+    "model.head_hidden_size": (INT, lambda v: v >= 0, "an integer >= 0 (0: linear heads)"),
     "model.head_dropout": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "data.train": ((list,), lambda v: all(isinstance(p, str) for p in v), "a list of prepared dataset folders"),
     "data.eval": ((list,), lambda v: all(isinstance(p, str) for p in v), "a list of prepared dataset folders"),
+    "data.if_present": ((list,), lambda v: all(isinstance(p, str) for p in v), "a list of prepared dataset folders"),
+    "data.class_balance": ((str,), lambda v: v in ("mix", "power"), "mix or power"),
+    "data.class_mix": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.class_alpha": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.task_alpha": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.num_workers": (INT, lambda v: v >= 0, "an integer >= 0"),
@@ -210,6 +229,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     return config
 
 
+def add_present_folders(data: dict[str, Any], say: bool = True) -> None:
+    """`data.if_present` folders that exist join data.train and data.eval (each once); absent ones are said."""
+    for folder in data["if_present"]:
+        if not Path(folder).is_dir():
+            if say:
+                print(f"note: data.if_present {folder} is not there; going on without it.", file=sys.stderr)
+            continue
+        for key in ("train", "eval"):
+            if folder not in data[key]:
+                data[key] = [*data[key], folder]
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """A file, or the name of one in train/configs (e.g. `lora`)."""
     candidates = [Path(path), CONFIG_DIR / f"{path}.yaml"]
@@ -228,16 +259,18 @@ def build_model(config: dict[str, Any], base_model=None):
     """
     from softbio_hf import SoftBioModel
 
-    method, loss = config["method"], config["loss"]
-    if method["name"] == "zs" and config["model"]["pooling"] != "cls":
+    method, loss, options = config["method"], config["loss"], config["model"]
+    if method["name"] == "zs" and options["pooling"] != "cls":
         raise ConfigError("method zs uses CLIP's own pooling (the class token): set model.pooling=cls.")
     if base_model is not None:
-        return apply_configured_method(base_model, method, config["model"]["pooling"])
+        return apply_configured_method(base_model, config)
     try:
         model = SoftBioModel.from_clip(
-            config["model"]["backbone"],
-            pooling=config["model"]["pooling"],
-            head_dropout=config["model"]["head_dropout"],
+            options["backbone"],
+            pooling=options["pooling"],
+            # head_hidden_size is the method's to apply: from_clip's heads are the zero-shot (linear) ones.
+            **{key: options[key] for key in ("pooling_heads", "pooling_mlp_ratio", "normalize_features")},
+            head_dropout=options["head_dropout"],
             loss_weighting=loss["weighting"],
             task_weights=loss["task_weights"],
             label_smoothing=loss["label_smoothing"],
@@ -247,12 +280,17 @@ def build_model(config: dict[str, Any], base_model=None):
             f"model.backbone={config['model']['backbone']!r} could not be loaded ({error}). Give a CLIP Hub id "
             "(needs the network or a cached copy) or a local folder holding a CLIP checkpoint with its tokenizer."
         ) from error
-    return apply_configured_method(model, method, config["model"]["pooling"])
+    return apply_configured_method(model, config)
 
 
-def apply_configured_method(model, method: dict[str, Any], pooling: str):
-    """The config's `method` section as an apply_method call; a bad option is a ConfigError."""
-    options: dict[str, Any] = {"pooling": pooling}
+def apply_configured_method(model, config: dict[str, Any]):
+    """The config's `method` section (and the heads of `model`) as an apply_method call; a bad option is a
+    ConfigError."""
+    method = config["method"]
+    options: dict[str, Any] = {
+        "pooling": config["model"]["pooling"],
+        "head_hidden_size": config["model"]["head_hidden_size"],
+    }
     if method["name"] == "ft":
         options["last_k"] = method["last_k"] or 4
     elif method["name"] in ("lora", "dora", "loraplus", "mtlora"):
@@ -262,7 +300,7 @@ def apply_configured_method(model, method: dict[str, Any], pooling: str):
         if method["name"] == "mtlora":
             options.update(task_rank=method["task_rank"], task_scale=method["task_scale"])
     if method["name"] == "zs":
-        options = {}
+        options = {"head_hidden_size": config["model"]["head_hidden_size"]}  # refused unless 0
     try:
         return model.apply_method(method["name"], **options)
     except ValueError as error:
@@ -319,16 +357,12 @@ def label_coverage(dataset, tasks: Sequence[str]) -> dict[str, int]:
 
 def training_draw(dataset, config: dict[str, Any]) -> list[int]:
     """Every row index the run will see, in order: task- and class-balanced, fixed by the seed."""
-    from train.data import balanced_sampler
+    from train.data import Balancing, balanced_sampler
 
     train = config["train"]
     total = train["max_steps"] * train["batch_size"] * train["grad_accum"]
     sampler = balanced_sampler(
-        dataset,
-        num_samples=total,
-        seed=train["seed"],
-        class_alpha=config["data"]["class_alpha"],
-        task_alpha=config["data"]["task_alpha"],
+        dataset, num_samples=total, seed=train["seed"], balancing=Balancing.from_config(config["data"])
     )
     return list(sampler)
 
@@ -361,6 +395,7 @@ class Run:
 
     def __init__(self, config: dict[str, Any], resume: str | bool | None = None):
         self.config = config
+        add_present_folders(config["data"], say=os.environ.get("RANK", "0") == "0")  # one note, not one per process
         self.out = Path(config["output_dir"])
         self.resume_from = self._checkpoint_to_resume(resume)
         self.step = 0
