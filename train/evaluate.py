@@ -574,8 +574,9 @@ def write_report(out: Path, report: Mapping[str, Any], plots: Sequence[str]) -> 
         per_dataset_table(report["results"]),
         "",
         "Balanced accuracy is the mean recall over the classes present; macro F1 averages over the classes present "
-        "in the labels or the predictions; 1-off counts an age bin next to the true one as right; MAE is the "
-        "expected age over the bins against the exact age, where the data has it. ECE: 15 confidence bins.",
+        "in the labels or the predictions; 1-off counts an age bin next to the true one as right; MAE compares the "
+        "age in years the model reports (the expected age over the bins, kept within the predicted bin) with the "
+        "exact age, where the data has it. ECE: 15 confidence bins.",
         "",
         "## Fairness: accuracy per group",
         "",
