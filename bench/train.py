@@ -164,13 +164,16 @@ def run(args) -> dict:
 
     from bench.speed import matmul_peak, resolve_device, vision_flops_per_image
     from softbio_hf import SoftBioConfig
+    from softbio_hf.pipeline_softbio import fast_bf16_available
 
     device = resolve_device(args.device)
+    if args.mixed_precision == "auto":  # as train.train resolves it: every row below runs at the same precision
+        args.mixed_precision = "bf16" if fast_bf16_available(device) else "no"
     forward = vision_flops_per_image(SoftBioConfig(vision_config=TINY if args.tiny else None))
-    fast = torch.bfloat16 if args.mixed_precision != "no" else torch.float32
+    fast = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     peak = max(matmul_peak(dtype, device) for dtype in {torch.float32, fast})
     switches = [s for s in SWITCHES if "lora" in args.methods and (args.compile or "train.compile=true" not in s[2])]
-    if args.mixed_precision == "no":  # frozen bf16 weights need bf16 autocast
+    if args.mixed_precision != "bf16":  # frozen bf16 weights need bf16 autocast
         switches = [s for s in switches if "train.bf16_base=true" not in s[2]]
     settings = [(name, name, []) for name in args.methods] + switches
     rows = [one_row(name, config, extra, args, forward, peak) for name, config, extra in settings]

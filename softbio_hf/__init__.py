@@ -1,29 +1,27 @@
-"""softbio: age group, gender and emotion from one forward pass of a CLIP vision model."""
+"""softbio: age group, gender and emotion from one forward pass of a CLIP vision model.
 
-from transformers import AutoConfig, AutoModel
-from transformers.pipelines import PIPELINE_REGISTRY
+`import softbio_hf` registers the Auto classes and the "soft-biometrics" pipeline task. The public names load
+on first use.
+"""
 
-from .configuration_softbio import (
-    AGE_LABELS,
-    DEFAULT_TASKS,
-    EMOTION_LABELS,
-    GENDER_LABELS,
-    PIPELINE_TASK,
-    SoftBioConfig,
-)
-from .modeling_softbio import SoftBioModel, SoftBioOutput, image_processor_for
-from .pipeline_softbio import SoftBiometricsPipeline, load_image
+from __future__ import annotations
 
-AutoConfig.register(SoftBioConfig.model_type, SoftBioConfig, exist_ok=True)
-AutoModel.register(SoftBioConfig, SoftBioModel, exist_ok=True)
-# save_pretrained then copies our files beside the weights and writes auto_map, so a checkpoint
-# loads with trust_remote_code=True and no softbio install.
-SoftBioConfig.register_for_auto_class()
-SoftBioModel.register_for_auto_class("AutoModel")
-PIPELINE_REGISTRY.register_pipeline(
-    PIPELINE_TASK, pipeline_class=SoftBiometricsPipeline, pt_model=AutoModel, type="image"
-)
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
+_EXPORTS = {
+    "AGE_LABELS": "configuration_softbio",
+    "DEFAULT_TASKS": "configuration_softbio",
+    "EMOTION_LABELS": "configuration_softbio",
+    "GENDER_LABELS": "configuration_softbio",
+    "SoftBioConfig": "configuration_softbio",
+    "SoftBioModel": "modeling_softbio",
+    "SoftBioOutput": "modeling_softbio",
+    "image_processor_for": "modeling_softbio",
+    "SoftBiometricsPipeline": "pipeline_softbio",
+    "load_image": "pipeline_softbio",
+}
 __all__ = [
     "AGE_LABELS",
     "DEFAULT_TASKS",
@@ -35,4 +33,44 @@ __all__ = [
     "SoftBiometricsPipeline",
     "image_processor_for",
     "load_image",
+    "register",
 ]
+
+if TYPE_CHECKING:
+    from .configuration_softbio import AGE_LABELS, DEFAULT_TASKS, EMOTION_LABELS, GENDER_LABELS, SoftBioConfig
+    from .modeling_softbio import SoftBioModel, SoftBioOutput, image_processor_for
+    from .pipeline_softbio import SoftBiometricsPipeline, load_image
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'softbio_hf' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def register() -> None:
+    """Register SoftBioConfig / SoftBioModel with the Auto classes and the "soft-biometrics" pipeline task.
+    Idempotent."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from .configuration_softbio import PIPELINE_TASK, SoftBioConfig
+    from .modeling_softbio import SoftBioModel
+    from .pipeline_softbio import SoftBiometricsPipeline
+
+    AutoConfig.register(SoftBioConfig.model_type, SoftBioConfig, exist_ok=True)
+    AutoModel.register(SoftBioConfig, SoftBioModel, exist_ok=True)
+    # save_pretrained then copies our files beside the weights and writes auto_map, so a checkpoint
+    # loads with trust_remote_code=True and no softbio install.
+    SoftBioConfig.register_for_auto_class()
+    SoftBioModel.register_for_auto_class("AutoModel")
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=SoftBiometricsPipeline, pt_model=AutoModel, type="image"
+    )
+
+
+# `python -m softbio_hf.predict` imports this package while Python still locates the command (sys.argv[0] is
+# "-m" until then). The command registers when it loads a model, so its --help and argument errors answer
+# without the seconds that torch and transformers' pipelines take to import.
+if sys.argv[:1] != ["-m"]:
+    register()

@@ -198,10 +198,16 @@ def _image_errors(name: str):
 
 
 def fast_bf16_available(device: torch.device) -> bool:
-    """bf16 pays off on GPUs that support it and on CPUs with native bf16 (AVX512-BF16 or AMX)."""
+    """
+    bf16 pays off on GPUs that support it and on CPUs with native bf16 (AVX512-BF16 or AMX). The one place that
+    decides it; SOFTBIO_CPU_BF16=0 (or 1) overrides the CPU's answer, to run as on the other kind of CPU.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        forced = os.environ.get("SOFTBIO_CPU_BF16")
+        if forced in ("0", "1"):
+            return forced == "1"
         try:
             flags = Path("/proc/cpuinfo").read_text()
         except OSError:

@@ -15,7 +15,9 @@ so an interrupted run continues with --resume; at the end they are merged, in in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib
 import json
 import os
 import sys
@@ -24,8 +26,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -87,10 +87,9 @@ def list_refs(listing: Path) -> list[tuple[str, str]]:
 
 
 def dataset_refs(folder: Path) -> list[tuple[str, Any]]:
-    from datasets import Dataset, load_from_disk
-
-    loaded = load_from_disk(str(folder))
-    splits = {"": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+    datasets = optional_import("datasets", "train", f"reading the datasets folder {folder}")
+    loaded = datasets.load_from_disk(str(folder))
+    splits = {"": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
     refs = []
     for split, part in splits.items():
         if "image" not in part.column_names:
@@ -101,50 +100,6 @@ def dataset_refs(folder: Path) -> list[tuple[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- the work
-class FaceStream(torch.utils.data.IterableDataset):
-    """
-    Photos -> their face crops, ready for the model: decoding and detection, in DataLoader worker processes
-    ahead of the model. Yields one item per photo: its faces' inputs, or the reason it has none.
-    """
-
-    def __init__(self, pipe, sources: Sequence[Source], options: dict[str, Any]):
-        self.pipe, self.sources, self.options = pipe, list(sources), options
-        self._datasets: dict[tuple[str, str], Any] = {}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = torch.utils.data.get_worker_info()
-        mine = self.sources if worker is None else self.sources[worker.id :: worker.num_workers]
-        for source in mine:
-            yield self.faces_of(source)
-
-    def load(self, source: Source):
-        from .pipeline_softbio import load_image
-
-        if isinstance(source.ref, tuple):
-            folder, split, row = source.ref
-            if (folder, split) not in self._datasets:
-                from datasets import load_from_disk
-
-                loaded = load_from_disk(folder)
-                self._datasets[(folder, split)] = loaded[split] if split else loaded
-            return load_image(self._datasets[(folder, split)][row]["image"], name=repr(source.key))
-        return load_image(source.ref, name=repr(source.key), timeout=self.options.get("timeout", 10.0))
-
-    def faces_of(self, source: Source) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": source.index, "key": source.key}
-        try:
-            rgb = self.load(source)
-            chunks = list(self.pipe.preprocess(rgb, **self.options))
-        except (ValueError, OSError) as error:  # ImageInputError and the rest: a row says why, the run goes on
-            return {**item, "error": str(error)}
-        faces = [chunk for chunk in chunks if chunk["face"] is not None]
-        return {**item, "chunks": faces}
-
-
-def worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # the model's process keeps the cores; workers decode and detect
-
-
 def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabilities: bool) -> list[dict]:
     """Output rows of one photo: one per face, or one that says why there is none."""
     base = {"index": item["index"], "source": item["key"]}
@@ -179,62 +134,6 @@ def columns(tasks: dict[str, list[str]], probabilities: bool) -> list[str]:
     return names
 
 
-class Batcher:
-    """Faces from many photos into forward passes of `batch_size`; a photo's rows come out once all its faces
-    are scored."""
-
-    def __init__(self, pipe, batch_size: int):
-        self.pipe, self.batch_size = pipe, batch_size
-        self.waiting: list[tuple[dict, int]] = []  # (photo, face number) not yet scored
-        self.open: dict[int, dict[str, Any]] = {}  # photo index -> photo with its scored faces so far
-
-    def add(self, item: dict[str, Any]) -> list[tuple[dict, list]]:
-        """Queue a photo; returns the photos finished by the forward passes this made due."""
-        chunks = item.get("chunks") or []
-        if not chunks:
-            return [(item, [])]
-        item["outputs"] = [None] * len(chunks)
-        self.open[item["index"]] = item
-        self.waiting.extend((item, number) for number in range(len(chunks)))
-        return self.run(full_only=True)
-
-    def halve_batch(self) -> None:
-        print(
-            f"batch {self.batch_size} does not fit in memory: continuing with {self.batch_size // 2} faces per pass",
-            file=sys.stderr,
-        )
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.batch_size //= 2
-        if (self.pipe.compiled_batch_size or 0) > self.batch_size:  # the compiled graph has the old batch shape
-            self.pipe.compile(self.batch_size)
-
-    def run(self, full_only: bool = False) -> list[tuple[dict, list]]:
-        finished = []
-        while self.waiting and (len(self.waiting) >= self.batch_size or not full_only):
-            batch = self.waiting[: self.batch_size]
-            pixel_values = torch.cat([photo["chunks"][number]["pixel_values"] for photo, number in batch])
-            try:
-                with torch.inference_mode():
-                    scored = self.pipe._forward({"pixel_values": pixel_values, "face": None, "is_last": None})
-            except torch.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.halve_batch()
-                continue  # the same faces again, fewer at a time
-            self.waiting = self.waiting[len(batch) :]
-            for row, (photo, number) in enumerate(batch):
-                chunk = photo["chunks"][number]
-                photo["outputs"][number] = {
-                    **{k: v[row : row + 1] for k, v in scored.items() if k.startswith("probs_")},
-                    "face": chunk["face"],
-                    "is_last": chunk["is_last"],
-                }
-                if all(output is not None for output in photo["outputs"]):
-                    finished.append((self.open.pop(photo["index"]), self.pipe.postprocess(photo["outputs"])))
-        return finished
-
-
 # ---------------------------------------------------------------------------------------------- output
 def parts_folder(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
@@ -267,9 +166,8 @@ def read_output(out: Path) -> list[dict[str, Any]]:
         for row in rows:
             row["index"], row["face"], row["faces"] = int(row["index"]), int(row["face"]), int(row["faces"])
         return rows
-    import pyarrow.parquet as pq
-
-    return pq.read_table(out).to_pylist()
+    parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
+    return parquet.read_table(out).to_pylist()
 
 
 def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
@@ -286,10 +184,13 @@ def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> Non
             for row in rows:
                 handle.write(json.dumps({k: row.get(k) for k in names}) + "\n")
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
+        parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
+        parquet.write_table(
+            optional_import("pyarrow", "train", "a .parquet table").Table.from_pylist(
+                [{k: row.get(k) for k in names} for row in rows]
+            ),
+            partial,
+        )
     os.replace(partial, out)
 
 
@@ -305,11 +206,55 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- run
+class SingleProcess:
+    """What `predict` needs of accelerate's PartialState when no launcher started several processes, so the
+    command runs with the package's own dependencies (accelerate is in the [train] extra)."""
+
+    is_main_process, process_index = True, 0
+
+    def __init__(self, device: str | None):
+        import torch
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items: list) -> Iterator[list]:
+        yield items
+
+
+def process_state(device: str | None):
+    """accelerate's PartialState under torchrun / accelerate launch (it splits the photos), else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return SingleProcess(device)
+    import torch
+
+    PartialState = optional_import("accelerate", "train", "running on several processes").PartialState
+    # cpu=True lets accelerate join processes started by torchrun with gloo when there is no GPU to use
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def optional_import(module: str, extra: str, needed_for: str):
+    """A package of one of softbio's extras, or a PredictError that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise PredictError(
+            f"{needed_for} needs {package}, which is not installed: pip install 'softbio[{extra}]' "
+            f"(or pip install {package})."
+        ) from None
+
+
 def load_model(spec: str):
     """
     What a command's --model names: a softbio checkpoint (folder or Hub id, in fp32) or `clip:ID_OR_FOLDER`, the
     zero-shot model built from that CLIP checkpoint. Raises a ValueError that says what to pass instead.
     """
+    import torch
+
     from . import SoftBioModel
 
     try:
@@ -325,9 +270,12 @@ def load_model(spec: str):
 
 
 def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
+    import torch
     from transformers import pipeline
 
-    import softbio_hf  # noqa: F401 - registers the soft-biometrics task
+    import softbio_hf
+
+    softbio_hf.register()  # the soft-biometrics task (`python -m softbio_hf.predict` defers it to here)
 
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: this machine has no CUDA device; use --device cpu.")
@@ -361,15 +309,16 @@ def predict(
     on_photo=None,
 ) -> dict[str, Any]:
     """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
+    out = Path(out)
+    check_output(out, resume, overwrite)  # before the heavy imports: a wrong --out is said at once
     import shutil
 
-    from accelerate import PartialState
+    import torch
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    check_output(out, resume, overwrite)
-    # cpu=True lets accelerate join processes started by torchrun with gloo when there is no GPU to use
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    from .face_stream import Batcher, FaceStream, worker_init
+
+    state = process_state(device)
     if overwrite and state.is_main_process:
         shutil.rmtree(parts_folder(out), ignore_errors=True)
         out.unlink(missing_ok=True)

@@ -27,11 +27,14 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_isolated(tmp_path, script_text: str, *args: str) -> str:
-    """Run a script in a fresh Python in tmp_path, offline, with its own HF cache; returns its stdout."""
+def run_isolated(tmp_path, script_text: str, *args: str, pythonpath: str | None = None) -> str:
+    """Run a script in a fresh Python in tmp_path, offline, with its own HF cache (and `pythonpath`, e.g. the
+    repository, to import softbio_hf as an installed package would); returns its stdout."""
     script = tmp_path / "isolated.py"
     script.write_text(script_text)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PATH": "/usr/bin:/bin"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     result = subprocess.run(
         [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

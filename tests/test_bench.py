@@ -171,8 +171,10 @@ def test_train_bench_times_the_real_step_per_method():
     assert loader["ratio_vs_baseline"] == pytest.approx(loader["images_per_s"] / result["rows"][1]["images_per_s"])
 
 
-def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
-    """bench/gpu.sh is what a GPU machine runs in one go; its logic is checked here at tiny sizes."""
+@pytest.mark.parametrize("native_bf16", ["0", "1"])
+def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path, native_bf16):
+    """bench/gpu.sh is what a GPU machine runs in one go; its logic is checked here at tiny sizes, as on a CPU
+    without native bf16 (AVX2 only: every auto precision resolves to fp32) and as on one with it."""
     import json
     import os
     import subprocess
@@ -195,6 +197,7 @@ def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
         "PREDICT_PHOTOS": "4",
         "PREDICT_BATCH": "2",
         "WORKERS": "1",
+        "SOFTBIO_CPU_BF16": native_bf16,
     }
     result = subprocess.run(
         ["bash", str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900
@@ -204,3 +207,17 @@ def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
         rows = json.loads((tmp_path / "results" / f"{name}.json").read_text())["rows"]
         assert rows and all(row["images_per_s"] > 0 for row in rows)
         assert (tmp_path / "results" / f"{name}.md").read_text().count("|") > 10
+    train_rows = [row["setting"] for row in json.loads((tmp_path / "results" / "train.json").read_text())["rows"]]
+    # frozen bf16 weights need bf16 autocast: measured only where auto resolves to bf16
+    assert ("lora + frozen weights in bf16" in train_rows) == (native_bf16 == "1"), train_rows
+
+
+@pytest.mark.parametrize(("forced", "expected"), [("0", False), ("1", True)])
+def test_the_bf16_decision_can_be_forced_to_the_other_kind_of_cpu(monkeypatch, forced, expected):
+    import torch
+
+    from softbio_hf.pipeline_softbio import fast_bf16_available, resolve_dtype
+
+    monkeypatch.setenv("SOFTBIO_CPU_BF16", forced)
+    assert fast_bf16_available(torch.device("cpu")) is expected
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if expected else torch.float32)

@@ -70,3 +70,78 @@ def test_requirements_and_project_dependencies_agree():
         if line.strip() and not line.startswith("#")
     }
     assert names <= pinned, names - pinned
+
+
+EXTRAS_ONLY = ("accelerate", "datasets", "pyarrow", "peft", "gradio", "gradio_client", "matplotlib", "tensorboard")
+WITHOUT_EXTRAS = """
+import runpy, sys
+for name in {extras!r}:
+    sys.modules[name] = None  # the extras' packages cannot be imported
+from transformers import pipeline
+import softbio_hf
+faces = pipeline("soft-biometrics", model=sys.argv[1])(sys.argv[2], detector="haar")
+assert faces and set(faces[0]) >= {{"box", "age", "gender", "emotion"}}, faces
+sys.argv = ["softbio_hf.predict", sys.argv[2], "--model", sys.argv[1], "--out", "rows.csv", "--detector", "haar",
+            "--num-workers", "0"]
+try:
+    runpy.run_module("softbio_hf.predict", run_name="__main__")
+except SystemExit as done:
+    assert done.code == 0, done.code
+print(open("rows.csv").read())
+"""
+
+
+def test_the_package_without_extras_runs_the_pipeline_and_the_batch_command(tiny_clip_dir, tmp_path):
+    from photos import grace_hopper_path
+    from remote import run_isolated
+
+    from softbio_hf import SoftBioModel
+
+    SoftBioModel.from_clip(tiny_clip_dir).save_pretrained(tmp_path / "model")
+    stdout = run_isolated(
+        tmp_path,
+        WITHOUT_EXTRAS.format(extras=EXTRAS_ONLY),
+        str(tmp_path / "model"),
+        grace_hopper_path(),
+        pythonpath=str(REPO),
+    )
+    summary, header, first = stdout.splitlines()[:3]
+    assert summary.startswith("1 photos this run: 1 faces")
+    assert header.startswith("index,source,face,faces,status") and ",ok," in first
+
+
+def test_an_extra_that_is_missing_is_named_with_the_install_command(tmp_path):
+    from remote import run_isolated
+
+    script = (
+        "import runpy, sys\nsys.modules['pyarrow'] = None\nsys.modules['pyarrow.parquet'] = None\n"
+        "sys.argv = ['x', 'photo.jpg', '--model', 'm', '--out', 'rows.parquet']\n"
+        "from softbio_hf.predict import PredictError, write_output\n"
+        "try:\n    write_output(__import__('pathlib').Path('rows.parquet'), [], ['index'])\n"
+        "except PredictError as error:\n    print(error)\n"
+    )
+    said = run_isolated(tmp_path, script, pythonpath=str(REPO))
+    assert "a .parquet table needs pyarrow" in said and "pip install 'softbio[train]'" in said
+
+
+def test_the_batch_commands_help_and_argument_errors_answer_without_torch(tmp_path):
+    """`python -m softbio_hf.predict --help` (and a wrong --out) must not import torch: seconds on any machine."""
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['-m', '--help']  # as while Python locates `-m softbio_hf.predict`\n"
+        "import softbio_hf\n"
+        "sys.argv = ['softbio_hf.predict', 'x.jpg', '--model', 'm', '--out', 'rows.txt']\n"
+        "try:\n    runpy.run_module('softbio_hf.predict', run_name='__main__')\n"
+        "except SystemExit as done:\n    print('exit', done.code)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert "exit 2" in result.stdout and "torch imported: False" in result.stdout, result.stdout + result.stderr
+    assert "cannot write .txt" in result.stderr
