@@ -64,39 +64,69 @@ def cache_root() -> Path:
     return Path(os.environ.get("SOFTBIO_CACHE", Path.home() / ".cache" / "softbio"))
 
 
-def zero_shot_cache_dir(clip_id: str) -> Path:
-    return cache_root() / ("zero-shot--" + clip_id.replace("/", "--"))
+def zero_shot_cache_dir(clip: str, config_path: Path) -> Path:
+    """The cache folder of the zero-shot model of this CLIP checkpoint as it is now: a folder is known by its
+    resolved path and its files (name, size, modification time: re-saved in place, it is another model), a Hub
+    checkpoint by its id and the commit its config came from (snapshots/<commit>/config.json)."""
+    folder = Path(clip)
+    if folder.is_dir():
+        files = sorted(p for p in folder.resolve().iterdir() if p.is_file())
+        parts = [str(folder.resolve()), *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)]
+    else:
+        parts = [clip, config_path.parent.name]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return cache_root() / f"zero-shot--{folder.name or clip.replace('/', '--')}--{digest}"
 
 
-def checkpoint_type(name: str) -> str | None:
-    """model_type of a local folder or Hub repo, from its config.json: cached copy first, the Hub only if it answers."""
+def checkpoint_config(name: str) -> Path | None:
+    """config.json of a local folder or Hub repo: the cached copy first, the Hub only if it answers."""
     from huggingface_hub import hf_hub_download
 
     from softbio_hf.faces import hub_reachable
 
     path = Path(name) / "config.json"
-    if not path.is_file():
-        if Path(name).exists():
-            return None
-        try:
-            path = Path(hf_hub_download(name, "config.json", local_files_only=not hub_reachable()))
-        except Exception:  # not cached and unreachable, or no such repo
-            return None
+    if path.is_file():
+        return path
+    if Path(name).exists():
+        return None
     try:
-        return json.loads(path.read_text()).get("model_type")
+        return Path(hf_hub_download(name, "config.json", local_files_only=not hub_reachable()))
+    except Exception:  # not cached and unreachable, or no such repo
+        return None
+
+
+def checkpoint_type(config_path: Path | None) -> str | None:
+    try:
+        return json.loads(config_path.read_text()).get("model_type") if config_path else None
     except (OSError, ValueError):
         return None
+
+
+def looks_like_a_folder(name: str) -> bool:
+    """A name that cannot be a Hub repo id (huggingface_hub's rule) is meant as a folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return name.startswith((".", "~"))
 
 
 def load_model(name: str | None):
     """A SoftBioModel and a description of it: a softbio checkpoint, or the zero-shot model of a CLIP one."""
     from softbio_hf import SoftBioModel
 
-    if not name:
-        return zero_shot(DEFAULT_CLIP)
-    kind = checkpoint_type(name)
-    if kind == "clip":
-        return zero_shot(name)
+    name = name or DEFAULT_CLIP
+    if not Path(name).exists() and looks_like_a_folder(name):
+        raise ModelUnavailable(
+            f"--model {name}: no such folder. Pass a folder written by save_pretrained or python -m train.train "
+            "(its best/ folder), a CLIP folder, or a Hub repo id."
+        )
+    config_path = checkpoint_config(name)
+    kind = checkpoint_type(config_path)
+    if kind == "clip" or (name == DEFAULT_CLIP and kind is None):
+        return zero_shot(name, config_path)
     if kind != "softbio":
         found = f"a {kind!r} checkpoint" if kind else "no readable config.json (not cached, or the Hub is out of reach)"
         raise ModelUnavailable(
@@ -112,21 +142,20 @@ def load_model(name: str | None):
         ) from error
 
 
-def zero_shot(clip: str):
+def zero_shot(clip: str, config_path: Path | None):
     """The zero-shot model of a CLIP checkpoint (folder or Hub id), built once and cached under SOFTBIO_CACHE."""
     from softbio_hf import SoftBioModel
-    from softbio_hf.faces import hub_reachable
 
-    cached = zero_shot_cache_dir(clip)
-    if (cached / "config.json").is_file():
-        return SoftBioModel.from_pretrained(cached), f"zero-shot {clip} (cached at {cached})"
-    if not Path(clip).is_dir() and not hub_reachable():
+    if config_path is None:  # a Hub id whose config is neither cached nor reachable
         raise ModelUnavailable(
             f"The zero-shot model is built from {clip} on the Hugging Face Hub, which is out of reach, and it is not "
             f"cached yet.\nConnect once to build and cache it, or pass a model you have on disk: "
             "python app.py --model DIR (a softbio checkpoint, or a CLIP folder such as a saved "
             "openai/clip-vit-large-patch14-336), or set SOFTBIO_MODEL."
         )
+    cached = zero_shot_cache_dir(clip, config_path)
+    if (cached / "config.json").is_file():
+        return SoftBioModel.from_pretrained(cached), f"zero-shot {clip} (cached at {cached})"
     try:
         model = SoftBioModel.from_clip(clip)
     except OSError as error:

@@ -213,7 +213,7 @@ def test_default_model_is_built_once_then_loaded_from_the_cache(tiny_clip_dir, t
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(app_module, "DEFAULT_CLIP", str(tiny_clip_dir))
     built, name = app_module.load_model(None)
-    cached = app_module.zero_shot_cache_dir(str(tiny_clip_dir))
+    cached = app_module.zero_shot_cache_dir(str(tiny_clip_dir), tiny_clip_dir / "config.json")
     assert (cached / "model.safetensors").is_file() and "zero-shot" in name
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
     again, name = app_module.load_model(None)
@@ -321,6 +321,35 @@ def test_a_clip_checkpoint_becomes_the_zero_shot_model_built_once(tiny_clip_dir,
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
     _, name = app_module.load_model(str(tiny_clip_dir))
     assert "cached" in name
+
+
+def test_the_zero_shot_cache_knows_a_clip_folder_by_what_it_is(tiny_clip_dir, tmp_path, monkeypatch):
+    """`cd a && app.py --model clip`, then `cd b && app.py --model clip`: b's model, not a's; and a CLIP folder
+    re-saved in place is built again."""
+    from tiny import make_tiny_clip
+
+    app_module = import_app()
+    monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
+
+    def weights(model):
+        return model.backbone.embeddings.patch_embedding.weight
+
+    expected = {}
+    for place, seed in (("a", 1), ("b", 2)):
+        make_tiny_clip(tmp_path / place / "clip", seed=seed)
+        expected[place] = weights(SoftBioModel.from_clip(tmp_path / place / "clip"))
+    for place in ("a", "b"):
+        monkeypatch.chdir(tmp_path / place)
+        assert torch.equal(weights(app_module.load_model("clip")[0]), expected[place]), place
+    make_tiny_clip(tmp_path / "b" / "clip", seed=3)  # saved again in place
+    model, name = app_module.load_model("clip")
+    assert "cached" not in name and not torch.equal(weights(model), expected["b"])
+
+
+def test_a_missing_folder_is_said_to_be_missing(tmp_path):
+    app_module = import_app()
+    with pytest.raises(app_module.ModelUnavailable, match=r"no such folder"):
+        app_module.load_model(str(tmp_path / "missing" / "dir"))
 
 
 def test_a_checkpoint_of_another_kind_is_refused_with_the_reason(tmp_path):
