@@ -82,7 +82,7 @@ def checkpoint_config(name: str) -> Path | None:
     """config.json of a local folder or Hub repo: the cached copy first, the Hub only if it answers."""
     from huggingface_hub import hf_hub_download
 
-    from softbio_hf.faces import hub_reachable
+    from softbio_hf.hub_access import hub_reachable
 
     path = Path(name) / "config.json"
     if path.is_file():

@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +20,8 @@ try:  # optional at import time so the model itself loads as remote code without
     import cv2
 except ImportError:  # pragma: no cover - exercised only where OpenCV is absent
     cv2 = None
+
+from .hub_access import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -126,27 +127,6 @@ class WholeImageDetector:
     def __call__(self, rgb: np.ndarray, min_face_size: int) -> list[Face]:
         height, width = rgb.shape[:2]
         return [Face((0.0, 0.0, float(width), float(height)), 1.0)]
-
-
-@functools.cache
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """
-    Whether the Hub answers at all: one TCP connection, asked once per process. huggingface_hub retries a dead
-    network for tens of seconds; a quick "no" lets callers fall back or say what to pass instead.
-    """
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_a
 
 from . import methods
 from .configuration_softbio import SoftBioConfig
+from .hub_access import cache_only
 from .methods import ADAPTER_MARKERS
 from .mtlora import MTLoRALinear, TaskParameters, task_stream_tokens
 
@@ -522,10 +523,11 @@ class SoftBioModel(SoftBioPreTrainedModel):
 
         prompts = prompts or DEFAULT_PROMPTS
         validate_prompts(prompts)
-        clip = CLIPModel.from_pretrained(clip_id_or_path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(clip_id_or_path)
+        local = {"local_files_only": cache_only(clip_id_or_path)}  # one probe, not huggingface_hub's retries
+        clip = CLIPModel.from_pretrained(clip_id_or_path, dtype=torch.float32, **local)
+        tokenizer = AutoTokenizer.from_pretrained(clip_id_or_path, **local)
         try:
-            processor = AutoImageProcessor.from_pretrained(clip_id_or_path)
+            processor = AutoImageProcessor.from_pretrained(clip_id_or_path, **local)
             normalisation = {"image_mean": list(processor.image_mean), "image_std": list(processor.image_std)}
         except OSError:  # no preprocessor_config.json: keep OpenAI CLIP's normalisation
             normalisation = {}
@@ -578,6 +580,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
         """
         refuse_pickled_weights(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint
+        if pretrained_model_name_or_path is not None and "local_files_only" not in kwargs:
+            kwargs["local_files_only"] = cache_only(pretrained_model_name_or_path)  # one probe, no retries
         requested = kwargs.get("tasks")
         config = kwargs.get("config")
         if requested is None and isinstance(config, SoftBioConfig):

@@ -8,6 +8,8 @@ from datasets_fixtures import make_folder, make_rafdb, make_utkface, write_jpeg
 
 from train.data import main, prepare
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 def prepare_cli(*args) -> int:
     return main(["prepare", *[str(a) for a in args]])
@@ -168,3 +170,35 @@ def test_unreadable_tables_locked_folders_and_unwritable_outputs_are_named(tmp_p
         f"--out {shelf / 'out'}: cannot write beside it (Permission denied); choose a writable folder" in result.stderr
     )
     assert list(shelf.iterdir()) == []
+
+
+DEAD_HUB = {
+    "HF_HUB_OFFLINE": "0",
+    "HF_DATASETS_OFFLINE": "0",
+    "TRANSFORMERS_OFFLINE": "0",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "train.train", "--config", "lora", "--set", "model.backbone=someone/clip-model", "output_dir=OUT"],
+        ["-m", "train.data", "prepare", "--dataset", "fairface", "--root", "hub:0.25", "--out", "OUT"],
+        ["-m", "train.evaluate", "--model", "someone/softbio", "--data", "OUT", "--out", "OUT/eval"],
+    ],
+)
+def test_an_unreachable_hub_is_said_after_one_probe_not_a_minute_of_retries(command, tmp_path):
+    """A Hub address where nothing answers, as on a machine without network: one probe per process, then the
+    cache only, so each command fails at once with its message (huggingface_hub alone retried for 26-58 s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **DEAD_HUB, "HF_HOME": str(tmp_path / "hf")}
+    args = [part.replace("OUT", str(tmp_path / "out")) for part in command]
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=40
+    )  # a bound, not a measurement: the retries alone took longer than this
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]

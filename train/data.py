@@ -531,10 +531,14 @@ def read_rows(dataset: str, root: Path, skips: SkipReport, reader_options: dict[
 
 
 def load_fairface_hub(margin: str):
-    from datasets import load_dataset
+    import datasets
 
+    from softbio_hf.hub_access import hub_reachable
+
+    if not hub_reachable():  # one probe: datasets would retry a dead network for tens of seconds
+        datasets.config.HF_HUB_OFFLINE = True  # its cache only
     try:
-        return load_dataset("HuggingFaceM4/FairFace", margin or "0.25")
+        return datasets.load_dataset("HuggingFaceM4/FairFace", margin or "0.25")
     except Exception as error:  # offline, unknown config, hub errors: all end the same way for the user
         raise ValueError(
             f"--root hub:{margin}: could not load HuggingFaceM4/FairFace from the Hub ({type(error).__name__}: "
