@@ -133,13 +133,20 @@ def load_model(name: str | None):
             f"--model {name}: {found}. Pass a softbio checkpoint (a folder written by save_pretrained or "
             "python -m train.train, or its Hub id) or a CLIP checkpoint, which becomes the zero-shot model."
         )
+    from softbio_hf.modeling_softbio import refuse_untrained_heads
+
     try:
-        return SoftBioModel.from_pretrained(name), name
+        model = SoftBioModel.from_pretrained(name)
     except Exception as error:  # a broken checkpoint fails in many ways; each is reported, none as a traceback
         raise ModelUnavailable(
             f"Could not load the softbio checkpoint {name!r}: {type(error).__name__}: {str(error)[:500]}\n"
             "Pass --model with a folder written by save_pretrained or a Hub repo id of a softbio model."
         ) from error
+    try:
+        refuse_untrained_heads(model)
+    except ValueError as error:
+        raise ModelUnavailable(str(error)) from None
+    return model, name
 
 
 def zero_shot(clip: str, config_path: Path | None):

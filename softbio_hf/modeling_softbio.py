@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
-from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available
+from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available, logging
 
 from . import methods
 from .configuration_softbio import SoftBioConfig
@@ -22,6 +22,7 @@ from .hub_access import cache_only
 from .methods import ADAPTER_MARKERS
 from .mtlora import MTLoRALinear, TaskParameters, task_stream_tokens
 
+logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
 # Hub arguments of from_pretrained that also apply when reading the checkpoint's own config.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -359,6 +360,13 @@ class SoftBioModel(SoftBioPreTrainedModel):
             labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels}, len(pixel_values)
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_attentions and self.backbone.config._attn_implementation != "eager":
+            # SDPA and flash kernels never form the attention matrix: without this, an empty tuple would come back
+            raise ValueError(
+                f"output_attentions=True needs the eager attention; this model runs "
+                f"{self.backbone.config._attn_implementation!r}. Load it with "
+                'from_pretrained(..., attn_implementation="eager") to get the attention weights.'
+            )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         tokens, backbone_output = self.encode(
@@ -574,9 +582,10 @@ class SoftBioModel(SoftBioPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_new_heads: bool = False, **kwargs):
         """
         As PreTrainedModel.from_pretrained (safetensors only). Refuses a checkpoint whose labels differ from the
-        requested ones, and one whose weights have no head at all for a task of its config (a task added to
-        config.json would otherwise serve random predictions); `allow_new_heads=True` initialises such heads, to
-        train them.
+        requested ones. As transformers does, weights the checkpoint lacks are initialised, with a warning and in
+        `output_loading_info`; a task whose head has no weights at all is listed in `model.untrained_heads`, and
+        the pipeline, the demo, the batch command and `hub push` refuse to serve it (see `refuse_untrained_heads`)
+        unless loaded with `allow_new_heads=True` (to train it, or to use it knowingly).
         """
         refuse_pickled_weights(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint
@@ -604,13 +613,27 @@ class SoftBioModel(SoftBioPreTrainedModel):
             for task, head in model.heads.items()
             if all(f"heads.{task}.{name}" in missing for name, _ in head.named_parameters())
         ]
-        if headless and not allow_new_heads:
-            raise ValueError(
-                f"The checkpoint {str(pretrained_model_name_or_path)!r} has no weights for the head of task(s) "
-                f"{headless}: its config names a task its weights were never trained for, so those predictions "
-                "would be random. Remove the task from config.json, or pass allow_new_heads=True to train it."
+        if headless:
+            logger.warning(
+                "The checkpoint %s has no weights for the head of task(s) %s: they are newly initialised (train "
+                "them before use).",
+                pretrained_model_name_or_path,
+                headless,
             )
+        model.untrained_heads = [] if allow_new_heads else headless
         return (model, info) if wants_info else model
+
+
+def refuse_untrained_heads(model: nn.Module) -> None:
+    """Where predictions are served or published: a head loaded without weights would give random answers."""
+    untrained = getattr(model, "untrained_heads", None)
+    if untrained:
+        raise ValueError(
+            f"The checkpoint {model.name_or_path!r} has no weights for the head of task(s) {untrained}: its config "
+            "names a task its weights were never trained for, so those predictions would be random. Remove the "
+            "task from config.json or train it; to use it anyway, load it with "
+            "SoftBioModel.from_pretrained(..., allow_new_heads=True)."
+        )
 
 
 def refuse_pickled_weights(source) -> None:
@@ -667,4 +690,11 @@ def check_same_tasks(saved: dict | None, requested: dict, source) -> None:
     )
 
 
-__all__ = ["SoftBioModel", "SoftBioOutput", "SoftBioPreTrainedModel", "expected_age_years", "image_processor_for"]
+__all__ = [
+    "SoftBioModel",
+    "SoftBioOutput",
+    "SoftBioPreTrainedModel",
+    "expected_age_years",
+    "image_processor_for",
+    "refuse_untrained_heads",
+]

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.pipelines.base import ChunkPipeline
 
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
-from .modeling_softbio import expected_age_years, image_processor_for
+from .modeling_softbio import expected_age_years, image_processor_for, refuse_untrained_heads
 
 # A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -254,6 +254,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        refuse_untrained_heads(self.model)
         if self.image_processor is None:  # the convention; crops go through face_pixels, equal to it (tested)
             self.image_processor = image_processor_for(self.model.config)
         target = resolve_dtype(dtype, self.device)

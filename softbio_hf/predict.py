@@ -283,7 +283,10 @@ def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
         loaded = load_model(model)
     except ValueError as error:
         raise PredictError(str(error)) from error
-    pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device)
+    try:
+        pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device)
+    except ValueError as error:  # e.g. a head without trained weights
+        raise PredictError(str(error)) from error
     try:
         pipe.detector(detector)  # built once here, so a bad name fails before any work
     except (ValueError, FileNotFoundError, ImportError) as error:

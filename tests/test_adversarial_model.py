@@ -78,15 +78,49 @@ def test_the_demo_reports_a_broken_checkpoint_without_a_traceback(tiny_model, tm
     assert "Could not load the softbio checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_task_without_trained_weights_is_refused_unless_asked_for(tiny_model, tmp_path):
+def test_a_task_without_trained_weights_loads_as_transformers_does_and_is_refused_where_served(
+    tiny_model, tmp_path, capsys
+):
     import json
+
+    from transformers import pipeline
+
+    from softbio_hf.predict import main as predict_main
+    from train.hub import HubError, stage_model
 
     tiny_model.save_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["tasks"]["smile"] = ["no", "yes"]  # a task added by hand: no weights were ever trained for it
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"no weights for the head of task\(s\) \['smile'\].*allow_new_heads=True"):
-        SoftBioModel.from_pretrained(tmp_path / "ckpt")
-    grown, info = SoftBioModel.from_pretrained(tmp_path / "ckpt", allow_new_heads=True, output_loading_info=True)
+    # transformers' convention: load, initialise what is missing, warn, and report it
+    grown, info = SoftBioModel.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
     assert "heads.smile.classifier.weight" in info["missing_keys"]  # the load report names it
     assert torch.isfinite(grown.heads["smile"].classifier.weight).all()
+    assert grown.heads["smile"].classifier.weight.abs().sum() > 0 and grown.untrained_heads == ["smile"]
+    # ... and where predictions are served or published, it is refused, naming the task and the way out
+    refusal = r"no weights for the head of task\(s\) \['smile'\].*allow_new_heads=True"
+    with pytest.raises(ValueError, match=refusal):
+        pipeline("soft-biometrics", model=str(tmp_path / "ckpt"))
+    assert (
+        predict_main(
+            [
+                str(REPO / "examples" / "grace_hopper.jpg"),
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(tmp_path / "rows.csv"),
+                "--detector",
+                "haar",
+            ]
+        )
+        == 2
+    )
+    assert "['smile']" in capsys.readouterr().err and not (tmp_path / "rows.csv").exists()
+    with pytest.raises(HubError, match=refusal):
+        stage_model(tmp_path / "ckpt", tmp_path / "staged", "me/x", None, merge=False)
+    result = app_run_to_exit(REPO / "app.py", "--model", str(tmp_path / "ckpt"))
+    assert result.returncode == 2 and "['smile']" in result.stderr and "Traceback" not in result.stderr
+    # the escape hatch: asked for, the heads are there to train (or to use knowingly)
+    knowingly = SoftBioModel.from_pretrained(tmp_path / "ckpt", allow_new_heads=True)
+    assert knowingly.untrained_heads == []
+    assert pipeline("soft-biometrics", model=knowingly)(REPO / "examples" / "grace_hopper.jpg", detector="haar")

@@ -44,6 +44,13 @@ def test_hidden_states_and_attentions_come_back_with_their_shapes(saved, tmp_pat
     torch.testing.assert_close(plain.logits["age"], out.logits["age"])
 
 
+def test_attentions_under_sdpa_are_refused_with_the_way_to_get_them(saved):
+    model, _ = saved
+    assert model.backbone.config._attn_implementation == "sdpa"  # the default
+    with pytest.raises(ValueError, match=r'needs the eager attention.*attn_implementation="eager"'):
+        model(pixels(), output_attentions=True)
+
+
 def test_return_dict_false_gives_a_tuple_in_field_order(tiny_model):
     as_tuple = tiny_model(pixels(), gender=torch.tensor([0, 1, 1]), return_dict=False)
     as_output = tiny_model(pixels(), gender=torch.tensor([0, 1, 1]))
@@ -192,3 +199,13 @@ def test_logits_as_a_tuple_for_export(tiny_model):
     expected = tiny_model(pixels()).logits
     for task, value in zip(tiny_model.config.tasks, outputs, strict=True):
         torch.testing.assert_close(value, expected[task])
+
+
+def test_a_load_with_no_weights_at_all_initialises_everything_as_transformers_does():
+    """The gist of transformers' common test_can_init_all_missing_weights: nothing in the checkpoint, nothing
+    refused at load time, every parameter initialised (finite, and not all zeros where a rule draws it)."""
+    model = SoftBioModel.from_pretrained(None, config=config(), state_dict={})
+    assert sorted(model.untrained_heads) == sorted(model.config.tasks)  # and so the pipeline would refuse it
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+    assert all(head.classifier.weight.abs().sum() > 0 for head in model.heads.values())

@@ -91,6 +91,7 @@ def training_summary(model_dir: Path) -> dict[str, Any] | None:
 def stage_model(model_dir: Path, out: Path, repo_id: str, results_path: Path | None, merge: bool) -> list[str]:
     """Write the folder that is uploaded: weights, config, remote code, image processor, card, evaluation."""
     from softbio_hf import SoftBioModel
+    from softbio_hf.modeling_softbio import refuse_untrained_heads
 
     config = checkpoint_config(model_dir)
     if is_unmerged(config) and not merge:
@@ -100,6 +101,10 @@ def stage_model(model_dir: Path, out: Path, repo_id: str, results_path: Path | N
         )
     results = load_results(results_path, config.get("tasks") or {})
     model = SoftBioModel.from_pretrained(model_dir)
+    try:
+        refuse_untrained_heads(model)
+    except ValueError as error:
+        raise HubError(str(error)) from None
     if merge:
         model.merge_adapters()
     out.mkdir(parents=True, exist_ok=True)
