@@ -109,3 +109,19 @@ def serving(body: bytes, slow_path: str | None = None, trickle_path: str | None 
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def find_chromium() -> str | None:
+    """A Chromium to drive: Debian's (or any on PATH), else the one `python -m playwright install chromium` put
+    in Playwright's cache. None when there is neither."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        bundled = playwright.chromium.executable_path
+    return bundled if Path(bundled).exists() else None

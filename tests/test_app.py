@@ -12,13 +12,12 @@ import torch
 from gradio_client import Client, handle_file
 from photos import ASTRONAUT_KEYPOINTS, covers
 from PIL import Image
-from serving import app_run_to_exit, running_app
+from serving import app_run_to_exit, find_chromium, running_app
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("SOFTBIO_ARTIFACTS", REPO / "artifacts"))
 
 
@@ -231,7 +230,8 @@ def test_help_explains_the_options():
 def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    assert Path(CHROMIUM).exists(), "needs Debian's chromium: apt-get install -y chromium (as .ci/run does)"
+    chromium = find_chromium()
+    assert chromium, "needs a Chromium: Debian's (apt-get install -y chromium) or python -m playwright install chromium"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes()[:4000])
@@ -239,7 +239,7 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
     Image.open(REPO / "examples" / "astronaut.jpg").convert("RGBA").save(transparent)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             headless=True,
             args=[
                 "--no-sandbox",

@@ -51,6 +51,8 @@ def test_utkface_counts_and_skips_malformed_and_broken_files(tmp_path):
     assert sum(rows_by_split(splits).values()) == expected["good"]
     assert report["skipped"]["counts"] == {"malformed file name": 4, "unreadable image": 1, "empty file": 1}
     assert "24_0_1_20170116220224657 .jpg.chip.jpg" in report["skipped"]["examples"]["malformed file name"]
+    # every example is named relative to --root, whichever check skipped it
+    assert report["skipped"]["examples"]["unreadable image"] == ["33_1_0_20170116174525999.jpg.chip.jpg"]
     every = [row for part in splits.values() for row in part]
     by_years = {row["age_years"]: row for row in every}
     assert by_years[72.0]["age"] == 8 and by_years[72.0]["gender"] == 1 and by_years[72.0]["race"] == "Others"

@@ -124,7 +124,7 @@ def test_push_uploads_one_commit_with_weights_code_card_and_evaluation(evaluated
     assert scored[("utkface gender", "f1")] == pytest.approx(
         results["results"]["utkface"]["gender"]["macro_f1"], abs=0.01
     )
-    assert card.data.base_model == str(tiny_clip_dir)
+    assert card.data.base_model is None  # built from a local CLIP folder: Hub metadata takes repo ids only
     text = card.text
     for section in ("## Intended uses", "## Out-of-scope uses", "## Limitations and biases", "## Licence"):
         assert section in text
@@ -280,3 +280,12 @@ def test_train_push_to_hub_calls_the_same_push(tiny_clip_dir, tmp_path, hub_api)
     files = hub_api.commits[0]["files"]
     assert "eval/results.json" in files and "model.safetensors" in files
     assert ModelCard(files["README.md"].decode()).data.eval_results
+
+
+def test_the_card_names_a_hub_base_model_never_a_local_path(tmp_path):
+    from train.hub import hub_id_or_none
+
+    assert hub_id_or_none("openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
+    (tmp_path / "clip").mkdir()
+    for local in (str(tmp_path / "clip"), "./clip", "../models/clip", "/abs/missing/clip", None):
+        assert hub_id_or_none(local) is None, local

@@ -199,6 +199,8 @@ def test_the_heads_width_is_a_training_setting(synthetic, tiny_clip_dir, tmp_pat
         main(["--config", "lp", "--set", *settings(synthetic, tiny_clip_dir, out, **{"model.head_hidden_size": 256})])
         == 0
     )
+    console = capsys.readouterr().out  # each validation is printed, not only logged
+    assert __import__("re").search(r"step 50: validation overall \d+\.\d\d \(emotion [\d.]+, age", console), console
     shipped = SoftBioModel.from_pretrained(out / "best")
     assert shipped.config.head_hidden_size == 256
     assert all(head.hidden[0].out_features == 256 for head in shipped.heads.values())

@@ -490,8 +490,10 @@ def prepare(
             desc=f"decode + resize {dataset}",
         )
         for source, error in zip(decoded["source"], decoded["error"], strict=True):
-            if error:
-                skips.add(error, source)
+            if error:  # named as every other example is: relative to --root
+                skips.add(
+                    error, source if from_hub or not inside(root, source) else str(Path(source).relative_to(root))
+                )
         kept = decoded.filter(lambda error: error is None, input_columns="error", desc="drop unreadable")
         if not len(kept):
             raise ValueError(f"--root {root}: no image could be read ({skips.summary()}).")

@@ -175,6 +175,19 @@ def method_line(config) -> str:
     return line
 
 
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` if it is a Hub repo id (huggingface_hub's rule) and not a folder on this machine, else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).exists() or name.startswith((".", "~")):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def model_card(config, repo_id: str, results: Mapping[str, Any] | None, summary: Mapping[str, Any] | None, plots):
     """The card from the config and results.json; a checkpoint without results says it is not evaluated."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -183,7 +196,7 @@ def model_card(config, repo_id: str, results: Mapping[str, Any] | None, summary:
 
     adapter_method = (config.adapter or {}).get("method", "zs")
     data = ModelCardData(
-        base_model=config.zero_shot_source or None,
+        base_model=hub_id_or_none(config.zero_shot_source),  # Hub metadata wants a repo id, never a local path
         library_name="transformers",
         pipeline_tag="image-classification",
         license=LICENSE,
@@ -373,7 +386,8 @@ def space_readme(model_repo: str, repo_id: str) -> str:
     return (
         f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n# {header['title']}\n\n"
         f"Upload a photo: every face gets a box, an age group (and years), gender and emotion, from "
-        f"[{model_repo}](https://huggingface.co/{model_repo}). Uploads are deleted right after their request.\n"
+        f"[{model_repo}](https://huggingface.co/{model_repo}). Photos are analysed in memory, only for the browser "
+        "that sent them; the server's upload cache is emptied of photos older than two minutes, every minute.\n"
     )
 
 

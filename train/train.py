@@ -655,11 +655,14 @@ class Run:
         }
         self.history.append(entry)
         self.accelerator.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=self.step)
-        if score is not None and (self.best_score is None or score > self.best_score):
+        improved = score is not None and (self.best_score is None or score > self.best_score)
+        if improved:
             self.best_score, self.best_step, self.evals_without_gain = score, self.step, 0
             self.save_best()
         else:
             self.evals_without_gain += 1
+        if self.main:
+            print_validation(self.step, report["summary"], improved, self.best_score)
         return score
 
     def save_best(self) -> None:
@@ -782,6 +785,16 @@ class Run:
         report = {"model": str(self.out / "best"), "name": self.out.name, "split": data["test_split"]}
         report = write_evaluation(out, report, predictions, model.config)
         return report["summary"]
+
+
+def print_validation(step: int, summary: dict[str, Any], improved: bool, best: float | None) -> None:
+    """One console line per validation (above the progress bar): the study's columns and whether it is the best."""
+    from tqdm.auto import tqdm
+
+    columns = ", ".join(f"{task} {summary[task]:.2f}" for task in ("emotion", "age", "gender") if summary.get(task))
+    overall = "n/a" if summary.get("overall") is None else f"{summary['overall']:.2f}"
+    verdict = "new best" if improved else f"best {best:.2f}" if best is not None else ""
+    tqdm.write(f"step {step}: validation overall {overall} ({columns}); {verdict}".rstrip("; "))
 
 
 class Interrupted(Exception):
