@@ -245,6 +245,7 @@ def test_space_dry_run_starts_and_answers_analyze(evaluated, tmp_path):
     }
     readme = (out / "README.md").read_text()
     assert "sdk: gradio" in readme and "app_file: app.py" in readme and f"- {model}" in readme
+    assert "deleted right after" not in readme and "older than two minutes" in readme  # what app.py really does
     assert "peft" not in (out / "requirements.txt").read_text()
     sys.path.insert(0, str(out))
     try:

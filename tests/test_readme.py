@@ -56,3 +56,13 @@ def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_count
     trainable = {row["method"].split()[0]: row["trainable"] for row in report()}
     for method in ("LP", "FT4", "LoRA", "DoRA", "MTLoRA"):
         assert f"{method} {trainable[method] / 1e6:.1f}M" in study, method
+
+
+def test_the_readmes_default_outputs_are_ignored_by_git():
+    """Following the README leaves runs/, data/, softbio-zs/, preview/ and bench-results/ behind: none is a change."""
+    import subprocess
+
+    for folder in ("runs", "data", "softbio-zs", "preview", "bench-results"):
+        assert folder in (REPO / "README.md").read_text(), folder
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=REPO)
+        assert ignored.returncode == 0, f"{folder}/ is not in .gitignore"
