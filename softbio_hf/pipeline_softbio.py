@@ -73,7 +73,12 @@ def _open(source: Any, timeout: float, name: str) -> Image.Image:
         except OSError as error:
             if isinstance(error, UnidentifiedImageError):
                 raise
-            raise ImageInputError(f"Could not download {name} within {timeout:g}s: {error}.") from error
+            reason = getattr(error, "reason", error)  # urllib wraps the socket's error
+            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                raise ImageInputError(
+                    f"Could not download {name} within {timeout:g}s; pass a larger timeout."
+                ) from error
+            raise ImageInputError(f"Could not download {name}: {reason}.") from error
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
@@ -93,7 +98,8 @@ def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageInputError(
             f"{name} is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel cap that guards "
-            "against decompression bombs; downscale it first or pass a larger max_pixels."
+            "against decompression bombs; downscale it first, or raise the cap for this call: "
+            "pipe(image, max_pixels=N)."
         )
 
 
@@ -324,6 +330,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         detection_max_side: int | None = None,
         top_k: int | None = None,
         timeout: float | None = None,
+        max_pixels: int | None = None,
         **kwargs,
     ):
         preprocess = {
@@ -336,9 +343,12 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 "min_face_size": min_face_size,
                 "detection_max_side": detection_max_side,
                 "timeout": timeout,
+                "max_pixels": max_pixels,
             }.items()
             if value is not None
         }
+        if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
+            raise ValueError(f"max_pixels={max_pixels!r}: use a whole number of pixels >= 1.")
         check_options(threshold, margin, max_faces, min_face_size, detection_max_side, top_k, timeout)
         if kwargs:
             raise TypeError(unknown_options_message(kwargs))
@@ -360,8 +370,12 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 "numpy array or bytes), a list of them, or a generator or dataset of them."
             )
         items = [inputs] if single else list(inputs)
+        max_pixels = kwargs.get("max_pixels")  # the call's own cap counts from the first check on
+        if not (isinstance(max_pixels, int) and max_pixels >= 1):
+            max_pixels = MAX_IMAGE_PIXELS  # a bad value is named by _sanitize_parameters
         for index, item in enumerate(items):  # cheap: nothing decoded, so a long list costs no memory up front
-            check_image(item, name=describe(item) if single else f"input {index} ({describe(item)})")
+            name = describe(item) if single else f"input {index} ({describe(item)})"
+            check_image(item, name=name, max_pixels=max_pixels)
         if not items:
             return []
         results = super().__call__(items, **kwargs)
@@ -382,9 +396,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
         min_face_size: int = 20,
         detection_max_side: int = DETECTION_MAX_SIDE,
         timeout: float = DEFAULT_TIMEOUT_S,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ):
         is_rgb = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-        rgb = image if is_rgb else load_image(image, timeout=timeout)
+        rgb = image if is_rgb else load_image(image, timeout=timeout, max_pixels=max_pixels)
         face_detector = self.detector(detector)
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[face_detector.name]

@@ -200,9 +200,45 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise PredictError(f"--out {out}: cannot write {kind}; use one of {', '.join(FORMATS)}.")
     if resume and overwrite:
         raise PredictError("--resume continues an output and --overwrite replaces it: choose one.")
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; give a file ending in {', '.join(FORMATS)}.")
     exists = out.exists() or parts_folder(out).exists()
     if exists and not (resume or overwrite):
         raise PredictError(f"--out {out} exists; continue it with --resume, or replace it with --overwrite.")
+
+
+def lock_exclusively(path: Path):
+    """
+    An open file holding an exclusive lock on `path`, or None when another process holds it. A POSIX record lock:
+    the system drops it when the process dies (a killed run never leaves it stuck), and forked children such as
+    DataLoader workers do not inherit it (a lingering worker cannot keep it).
+    """
+    import fcntl
+
+    handle = path.open("a")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+@contextlib.contextmanager
+def holding(out: Path) -> Iterator[None]:
+    """The output, held for the run: a second run on the same --out is refused while the first writes it (two runs
+    appending to one part file would duplicate rows)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_exclusively(out.with_name(out.name + ".lock"))
+    if lock is None:
+        raise PredictError(
+            f"--out {out} is being written by another run of this command; wait for it to end, or choose another --out."
+        )
+    try:
+        yield
+    finally:
+        Path(lock.name).unlink(missing_ok=True)  # unlinked while still held: no later run can share this one
+        lock.close()
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -314,82 +350,85 @@ def predict(
     """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
     out = Path(out)
     check_output(out, resume, overwrite)  # before the heavy imports: a wrong --out is said at once
-    import shutil
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from .face_stream import Batcher, FaceStream, worker_init
 
     state = process_state(device)
-    if overwrite and state.is_main_process:
-        shutil.rmtree(parts_folder(out), ignore_errors=True)
-        out.unlink(missing_ok=True)
-    state.wait_for_everyone()
-    sources = expand_inputs(inputs, limit)
-    pipe = load_pipeline(model, device or str(state.device), dtype, detector)
-    if compile:
-        seconds = pipe.compile(batch_size)
-        if state.is_main_process:
-            print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
-    tasks = pipe.model.config.tasks
-    names = columns(tasks, probabilities)
-    parts = parts_folder(out)
-    parts.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:  # cut what a crash left half-written, once, before anyone reads or appends
-        for path in parts.glob("part-*.jsonl"):
-            read_part(path, repair=True)
-    state.wait_for_everyone()
-    # A photo is known by its place in the inputs and its name: the same file listed twice is analysed twice.
-    done_before = {(int(r["index"]), r["source"]) for r in read_output(out)} if resume and out.exists() else set()
-    for path in sorted(parts.glob("part-*.jsonl")):
-        done_before |= {(r["index"], r["source"]) for r in read_part(path)}
-    state.wait_for_everyone()  # every process has read the parts before any appends
-    pending = [s for s in sources if (s.index, s.key) not in done_before]
-    options = {"detector": detector}
-    stats = {"photos": 0, "faces": 0, "no_face": 0, "errors": 0}
-    started = time.perf_counter()
-    with state.split_between_processes(pending) as mine:
-        loader = torch.utils.data.DataLoader(
-            FaceStream(pipe, mine, options),
-            batch_size=None,
-            num_workers=num_workers,
-            worker_init_fn=worker_init if num_workers else None,
-            prefetch_factor=4 if num_workers else None,  # a bounded queue: memory stays flat
-        )
-        batcher = Batcher(pipe, batch_size)
-        bar = tqdm(total=len(mine), desc="photos", unit="photo", disable=not state.is_main_process)
-        with (parts / f"part-{state.process_index:03d}.jsonl").open("a") as part:
+    # With --overwrite the old table stays until the new one replaces it (write_output renames over it), so a
+    # run that fails early loses nothing.
+    with holding(out) if state.is_main_process else contextlib.nullcontext():
+        import shutil
 
-            def write(finished):
-                for item, records in finished:
-                    rows = rows_for(item, records, tasks, probabilities)
-                    part.write("".join(json.dumps(row) + "\n" for row in rows))  # one block per photo
-                    part.flush()
-                    stats["photos"] += 1
-                    stats["faces"] += len(records)
-                    stats["errors"] += "error" in item
-                    stats["no_face"] += "error" not in item and not records
-                    bar.update(1)
-                    speed = stats["photos"] / (time.perf_counter() - started)
-                    bar.set_postfix(faces=stats["faces"], img_s=f"{speed:.1f}")
-                    if on_photo is not None:
-                        on_photo(stats["photos"])
+        import torch
+        from tqdm.auto import tqdm
 
-            for item in loader:
-                write(batcher.add(item))
-            write(batcher.run())
-        bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        rows = read_output(out) if resume and out.exists() else []
+        from .face_stream import Batcher, FaceStream, worker_init
+
+        if overwrite and state.is_main_process:
+            shutil.rmtree(parts_folder(out), ignore_errors=True)  # an unfinished older run's rows, not the table
+        state.wait_for_everyone()
+        sources = expand_inputs(inputs, limit)
+        pipe = load_pipeline(model, device or str(state.device), dtype, detector)
+        if compile:
+            seconds = pipe.compile(batch_size)
+            if state.is_main_process:
+                print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
+        tasks = pipe.model.config.tasks
+        names = columns(tasks, probabilities)
+        parts = parts_folder(out)
+        parts.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:  # cut what a crash left half-written, once, before anyone reads or appends
+            for path in parts.glob("part-*.jsonl"):
+                read_part(path, repair=True)
+        state.wait_for_everyone()
+        # A photo is known by its place in the inputs and its name: the same file listed twice is analysed twice.
+        done_before = {(int(r["index"]), r["source"]) for r in read_output(out)} if resume and out.exists() else set()
         for path in sorted(parts.glob("part-*.jsonl")):
-            rows += read_part(path)
-        write_output(out, rows, names)
-        shutil.rmtree(parts, ignore_errors=True)
-        stats["rows"] = len(rows)
-    stats["seconds"] = round(time.perf_counter() - started, 2)
-    return stats
+            done_before |= {(r["index"], r["source"]) for r in read_part(path)}
+        state.wait_for_everyone()  # every process has read the parts before any appends
+        pending = [s for s in sources if (s.index, s.key) not in done_before]
+        options = {"detector": detector}
+        stats = {"photos": 0, "faces": 0, "no_face": 0, "errors": 0}
+        started = time.perf_counter()
+        with state.split_between_processes(pending) as mine:
+            loader = torch.utils.data.DataLoader(
+                FaceStream(pipe, mine, options),
+                batch_size=None,
+                num_workers=num_workers,
+                worker_init_fn=worker_init if num_workers else None,
+                prefetch_factor=4 if num_workers else None,  # a bounded queue: memory stays flat
+            )
+            batcher = Batcher(pipe, batch_size)
+            bar = tqdm(total=len(mine), desc="photos", unit="photo", disable=not state.is_main_process)
+            with (parts / f"part-{state.process_index:03d}.jsonl").open("a") as part:
+
+                def write(finished):
+                    for item, records in finished:
+                        rows = rows_for(item, records, tasks, probabilities)
+                        part.write("".join(json.dumps(row) + "\n" for row in rows))  # one block per photo
+                        part.flush()
+                        stats["photos"] += 1
+                        stats["faces"] += len(records)
+                        stats["errors"] += "error" in item
+                        stats["no_face"] += "error" not in item and not records
+                        bar.update(1)
+                        speed = stats["photos"] / (time.perf_counter() - started)
+                        bar.set_postfix(faces=stats["faces"], img_s=f"{speed:.1f}")
+                        if on_photo is not None:
+                            on_photo(stats["photos"])
+
+                for item in loader:
+                    write(batcher.add(item))
+                write(batcher.run())
+            bar.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            rows = read_output(out) if resume and out.exists() else []
+            for path in sorted(parts.glob("part-*.jsonl")):
+                rows += read_part(path)
+            write_output(out, rows, names)
+            shutil.rmtree(parts, ignore_errors=True)
+            stats["rows"] = len(rows)
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        return stats
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,7 @@ def hub_api(monkeypatch, online):
         recorded.commits.append({"repo_id": repo_id, "files": files, **kwargs})
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
 
+    monkeypatch.setenv("HF_TOKEN", "hf_intercepted")  # a logged-in user; nothing reaches the Hub with it
     monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "tester"})
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **k: recorded.repos.append({"branch": k}))

@@ -704,12 +704,29 @@ def load_prepared(paths: Iterable[str | Path], split: str = "train"):
         loaded = load_from_disk(str(path))
         if split not in loaded:
             raise ValueError(
-                f"{path} has no {split!r} split; it has {list(loaded)}. Prepare it again with "
-                "python -m train.data prepare (current versions write train, validation and test where the "
-                "benchmark has them), or choose another split."
+                f"{path} has no {split!r} split (it has {list(loaded)}). A benchmark without one cannot serve "
+                f"here: leave it out of this list, or prepare it again with python -m train.data prepare, which "
+                "writes train, validation and test where the benchmark has them"
             )
+        check_labels(loaded[split], f"{path} ({split})")
         parts.append(loaded[split])
     return concatenate_datasets(parts)
+
+
+def check_labels(dataset, name: str) -> None:
+    """Every task column holds class ids of its task or -100: a ValueError names the dataset, column, bad value
+    and allowed range (at training time it would be an IndexError mid-run, on a GPU a device-side assert)."""
+    for task, labels in task_labels().items():
+        if task not in dataset.column_names:
+            continue
+        column = np.asarray(dataset[task], dtype=np.int64)
+        bad = (column != IGNORE) & ((column < 0) | (column >= len(labels)))
+        if bad.any():
+            raise ValueError(
+                f"{name}: column {task!r} holds {int(column[bad][0])} in {int(bad.sum())} row(s) (first: row "
+                f"{int(np.flatnonzero(bad)[0])}); allowed are 0..{len(labels) - 1} ({', '.join(labels)}) and {IGNORE} "
+                "for no label. Prepare the dataset again with python -m train.data prepare."
+            )
 
 
 def stats(dataset, balancing: Balancing | None = None, split: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,14 @@ def predict(
     if tasks and gathered != len(dataset):  # gather_for_metrics must drop the padding of the last batch
         raise RuntimeError(f"{desc}: gathered {gathered} predictions for {len(dataset)} rows.")
     width = {task: len(core.config.tasks[task]) for task in tasks}
+    for task, chunks in logits.items():
+        broken = sum(int((~np.isfinite(chunk)).any(axis=1).sum()) for chunk in chunks)
+        if broken:  # argmax would score them as class 0: a diverged model would get a number
+            raise EvaluationError(
+                f"{desc}: the model gives non-finite {task} logits for {broken} of {len(dataset)} rows; its weights "
+                "are broken (a diverged training run?). Evaluate another checkpoint, or train again with a lower "
+                "learning rate."
+            )
     years = np.array([np.nan if y is None else y for y in dataset["age_years"]], dtype=np.float64)
     return Predictions(
         logits={t: np.concatenate(v) if v else np.zeros((0, width[t]), np.float32) for t, v in logits.items()},
@@ -455,6 +464,12 @@ def open_split(path: str | Path, split: str, limit: int | None = None):
         raise EvaluationError(
             f"--data {path} lacks the columns {sorted(missing)} of the unified schema; re-run: {hint}"
         )
+    from train.data import check_labels
+
+    try:
+        check_labels(data, str(path))
+    except ValueError as error:
+        raise EvaluationError(f"--data {error}") from None
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     return data
@@ -677,6 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.dtype, torch.device(device))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise EvaluationError(f"--dtype {args.dtype}: use auto, float32 or bfloat16.")
+    out = writable_out(Path(args.out))  # before any inference: a wrong --out is said at once
     splits = open_splits(args.data, args.split, args.limit)  # every folder is checked before the model loads
     calibration_splits = {}
     if args.calibrate:
@@ -704,14 +720,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         temperatures = fit_temperatures(fit_on)
     report = {"model": args.model, "name": args.name or model_name(args.model), "split": args.split}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if temperatures:
         calibrated = load_model(args.model, device="cpu", dtype=torch.float32)  # full precision, not the eval dtype
         apply_temperatures(calibrated, temperatures, fitted_on=args.calibration_split)
         calibrated.save_pretrained(out / "calibrated")
         report["calibrated_model"] = str(out / "calibrated")
     return write_evaluation(out, report, predictions, model.config, temperatures)
+
+
+def writable_out(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file; give a folder for results.json, report.md and the plots.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise EvaluationError(f"--out {out} cannot be written ({error.strerror}); choose a writable folder.") from None
+    return out
 
 
 def open_splits(paths: Sequence[str | Path], split: str, limit: int | None = None) -> dict[str, Any]:
@@ -728,9 +754,24 @@ def write_evaluation(out: Path, report: dict[str, Any], predictions, config, tem
     report["tasks"] = {task: list(labels) for task, labels in config.tasks.items()}  # what the scores refer to
     report.update(build_results(predictions, config, temperatures))
     report["plots"] = write_plots(out, predictions, config, temperatures)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.json").write_text(strict_json(report))
     write_report(out, report, report["plots"])
     return report
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: a metric that could not be computed (NaN, inf) is null, never bare NaN."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
 def model_name(spec: str) -> str:
@@ -748,7 +789,30 @@ def read_results(path: str | Path) -> dict[str, Any]:
     missing = [key for key in ("results", "summary") if not isinstance(report, dict) or key not in report]
     if missing:
         raise EvaluationError(f"{path} is not a results.json written by python -m train.evaluate (no {missing}).")
+    problems = [] if isinstance(report["summary"], dict) else ["summary is not a mapping"]
+    overall = report["summary"].get("overall") if not problems else None
+    if not problems and not is_finite_number(overall):
+        problems.append(f"summary.overall is {overall!r}, not a score")
+    for dataset, tasks in (report["results"] if isinstance(report["results"], dict) else {}).items():
+        for task, metrics in (tasks if isinstance(tasks, dict) else {}).items():
+            absent = [
+                k for k in RESULT_METRICS if not isinstance(metrics, dict) or not is_finite_number(metrics.get(k))
+            ]
+            if absent:
+                problems.append(f"results.{dataset}.{task} has no finite {', '.join(absent)}")
+    if problems:
+        raise EvaluationError(
+            f"{path} cannot be used: {'; '.join(problems[:3])}. It is not from a successful evaluation; evaluate the "
+            "model again with python -m train.evaluate."
+        )
     return report
+
+
+RESULT_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "ece")
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compare(paths: Sequence[str], names: Sequence[str] | None, baseline: str | None) -> str:
@@ -814,8 +878,8 @@ def main(argv: list[str] | None = None) -> int:
             print(compare(args.runs, args.names, args.baseline))
             return 0
         args = build_parser().parse_args(argv)
-        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-            raise EvaluationError("--batch-size and --limit must be at least 1.")
+        if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.num_workers < 0:
+            raise EvaluationError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
         report = run(args)
     except EvaluationError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -72,6 +72,11 @@ def load_results(path: Path | None, tasks: Mapping[str, list[str]]) -> dict[str,
     foreign = sorted(evaluated - set(tasks))
     if foreign:
         raise HubError(f"--results {path} scores task(s) {foreign} that the model does not have ({list(tasks)}).")
+    if "tasks" in results and set(results["tasks"]) != set(tasks):
+        raise HubError(
+            f"--results {path} is of a model with the tasks {sorted(results['tasks'])}, not this model's "
+            f"{sorted(tasks)}; evaluate this model with python -m train.evaluate."
+        )
     if "tasks" in results:
         differing = [t for t in evaluated if list(results["tasks"].get(t, [])) != list(tasks[t])]
         if differing:
@@ -404,6 +409,7 @@ def upload(
     message: str,
 ) -> str:
     """One commit holding the whole folder; the repo is created if needed, an existing one updated."""
+    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
@@ -417,8 +423,11 @@ def upload(
         raise HubError(f"No valid Hugging Face token ({error}). {LOGIN_HINT}") from error
     except OfflineModeIsEnabled as error:
         raise HubError(offline) from error
-    except OSError as error:
-        raise HubError(f"Could not reach the Hugging Face Hub ({error}); nothing was uploaded.") from error
+    except (OSError, httpx.HTTPError) as error:  # httpx's ConnectError is no OSError
+        raise HubError(
+            f"Could not reach the Hugging Face Hub ({type(error).__name__}: {error}); nothing was uploaded. Check the "
+            "network, or look first with --dry-run --out DIR."
+        ) from error
     try:
         api.create_repo(
             repo_id,
@@ -443,7 +452,7 @@ def upload(
             revision=revision,
             create_pr=create_pr,
         )
-    except (HfHubHTTPError, OSError) as error:  # one commit: a failure leaves no half-uploaded checkpoint
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as error:  # one commit: nothing is half-uploaded
         raise HubError(f"Upload to {repo_id} failed ({error}); nothing was committed. {LOGIN_HINT}") from error
     name = user.get("name", "?") if isinstance(user, dict) else "?"
     return f"{getattr(commit, 'commit_url', commit)} (as {name})"
@@ -525,13 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_repo_id(repo_id: str) -> None:
+    """huggingface_hub's own rule, and a namespace: USER/NAME or ORG/NAME."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
+    if "/" not in repo_id:
+        raise HubError(f"--repo-id {repo_id!r}: use USER/NAME (or ORG/NAME).")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.dry_run and not args.out:
             raise HubError("--dry-run writes to a folder: give it with --out DIR.")
-        if "/" not in args.repo_id:
-            raise HubError(f"--repo-id {args.repo_id!r}: use USER/NAME (or ORG/NAME).")
+        check_repo_id(args.repo_id)
         out = args.out if args.dry_run else None
         if args.command == "push":
             message = push_model(

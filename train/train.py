@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import difflib
+import errno
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
+TASK_NAMES = ("age", "gender", "emotion")  # the unified schema's label columns (train.data.TASKS)
 TRAINER_STATE = "trainer_state.json"
 BEST_WEIGHTS = "best_trainable.safetensors"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -118,7 +120,11 @@ RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
     "data.task_alpha": (FLOAT, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "data.num_workers": (INT, lambda v: v >= 0, "an integer >= 0"),
     "loss.weighting": ((str,), lambda v: v in ("sum", "uncertainty"), "sum or uncertainty"),
-    "loss.task_weights": ((dict, type(None)), None, "a task -> weight mapping or null"),
+    "loss.task_weights": (
+        (dict, type(None)),
+        lambda v: v is None or all(k in TASK_NAMES and is_number(w) and w >= 0 for k, w in v.items()),
+        f"null or a mapping of tasks {TASK_NAMES} to weights >= 0",
+    ),
     "loss.label_smoothing": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train.max_steps": (INT, lambda v: v > 0, "an integer > 0"),
     "train.batch_size": (INT, lambda v: v > 0, "an integer > 0 (the global batch)"),
@@ -138,6 +144,10 @@ RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
     "checkpoint.every": (INT, lambda v: v >= 0, "an integer >= 0 (0: no periodic checkpoints)"),
     "checkpoint.keep": (INT, lambda v: v > 0, "an integer > 0"),
 }
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -185,7 +195,8 @@ def check_value(key: str, value: Any) -> None:
     default = flatten(DEFAULTS)[key]
     types, check, allowed = RULES.get(key, ((type(default),), None, f"a {type(default).__name__}"))
     wrong_type = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-    if wrong_type or (check is not None and not check(value)):
+    not_finite = isinstance(value, float) and not math.isfinite(value)  # .inf and .nan are YAML floats too
+    if wrong_type or not_finite or (check is not None and not check(value)):
         raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}.")
 
 
@@ -203,12 +214,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (method, model, data, ...).")
+        loaded = read_yaml_config(path)
+        for section, value in loaded.items():
+            if section in DEFAULTS_FLAT_SECTIONS and not isinstance(value, dict):
+                example = "name: lora" if section == "method" else f"{next(iter(DEFAULTS[section]))}: ..."
+                raise ConfigError(
+                    f"{path}: '{section}' is a section, so it holds keys, not {value!r}; write it as\n"
+                    f"{section}:\n  {example}"
+                )
         for key, value in flatten(loaded).items():
             set_value(config, key, value, str(path))
     for item in overrides:
@@ -239,6 +252,37 @@ def add_present_folders(data: dict[str, Any], say: bool = True) -> None:
         for key in ("train", "eval"):
             if folder not in data[key]:
                 data[key] = [*data[key], folder]
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML's last-wins would hide one of them)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one.")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error.strerror}).") from None
+    try:
+        loaded = yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (method, model, data, ...).")
+    return loaded
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -393,10 +437,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 class Run:
     """One training run: accelerator, model, data, optimizer and the bookkeeping that a resume restores."""
 
-    def __init__(self, config: dict[str, Any], resume: str | bool | None = None):
+    def __init__(self, config: dict[str, Any], resume: str | bool | None = None, overwrite: bool = False):
         self.config = config
         add_present_folders(config["data"], say=os.environ.get("RANK", "0") == "0")  # one note, not one per process
         self.out = Path(config["output_dir"])
+        self.lock = claim_output_dir(self.out, resume, overwrite)
         self.resume_from = self._checkpoint_to_resume(resume)
         self.step = 0
         self.best_score: float | None = None
@@ -407,22 +452,26 @@ class Run:
 
     # ------------------------------------------------------------------------------------- setup
     def _checkpoint_to_resume(self, resume: str | bool | None) -> Path | None:
+        """The newest intact checkpoint (or the one named); a damaged one is skipped, saying which and why."""
         if not resume:
-            if (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
-                raise ConfigError(
-                    f"output_dir {self.out} already holds a run's checkpoints. Continue it with --resume, or choose "
-                    "another folder with --set output_dir=..."
-                )
             return None
-        if resume is True:
-            found = checkpoints_in(self.out)
-            if not found:
-                raise ConfigError(f"--resume: no checkpoint in {self.out / 'checkpoints'} to continue from.")
-            return found[-1]
-        path = Path(resume)
-        if not (path / TRAINER_STATE).is_file():
-            raise ConfigError(f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE}).")
-        return path
+        if resume is not True:
+            path = Path(resume)
+            if not (path / TRAINER_STATE).is_file():
+                raise ConfigError(f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE}).")
+            try:
+                checkpoint_state(path)
+            except ValueError as error:
+                raise ConfigError(f"--resume {path}: {error}; name an older checkpoint, or --resume alone.") from None
+            return path
+        for folder in reversed(checkpoints_in(self.out)):
+            try:
+                checkpoint_state(folder)
+            except ValueError as error:
+                print(f"note: skipping the checkpoint {folder}: {error}", file=sys.stderr)
+                continue
+            return folder
+        raise ConfigError(f"--resume: no intact checkpoint in {self.out / 'checkpoints'} to continue from.")
 
     def setup(self, base_model=None) -> None:
         import torch
@@ -559,19 +608,32 @@ class Run:
         }
 
     def save_checkpoint(self) -> Path:
-        """accelerate's full state (model, optimizer, RNGs) plus ours; the oldest beyond checkpoint.keep go."""
+        """
+        accelerate's full state (model, optimizer, RNGs), ours, and the best weights so far, written into
+        `step-N.partial` and renamed to `step-N` once complete: a kill mid-save leaves no checkpoint that --resume
+        would take. The oldest beyond checkpoint.keep go.
+        """
         folder = self.out / "checkpoints" / f"step-{self.step:07d}"
-        self.accelerator.save_state(str(folder))
-        if self.main:
-            (folder / TRAINER_STATE).write_text(json.dumps(self.trainer_state(), indent=1))
-            for old in checkpoints_in(self.out)[: -self.config["checkpoint"]["keep"]]:
-                shutil.rmtree(old, ignore_errors=True)
+        partial = folder.with_name(folder.name + ".partial")
+        with disk_full_is_said(partial):
+            if self.main:
+                shutil.rmtree(partial, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(partial))
+            if self.main:
+                (partial / TRAINER_STATE).write_text(json.dumps(self.trainer_state(), indent=1))
+                if (self.out / BEST_WEIGHTS).is_file():  # so --resume never meets best weights from a later step
+                    shutil.copy2(self.out / BEST_WEIGHTS, partial / BEST_WEIGHTS)
+                shutil.rmtree(folder, ignore_errors=True)
+                partial.rename(folder)
+                for old in checkpoints_in(self.out)[: -self.config["checkpoint"]["keep"]]:
+                    shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.last_saved_step = self.step
         return folder
 
     def restore(self, folder: Path) -> None:
-        state = json.loads((folder / TRAINER_STATE).read_text())
+        state = checkpoint_state(folder)
         changed = [k for k in ("method", "model", "data", "loss") if state["config"].get(k) != self.config.get(k)]
         if changed:
             raise ConfigError(
@@ -579,6 +641,11 @@ class Run:
                 "config (train.max_steps, eval and checkpoint settings may change)."
             )
         self.accelerator.load_state(str(folder))
+        if self.main:  # the best weights as they were at that step (none yet: none)
+            if (folder / BEST_WEIGHTS).is_file():
+                write_atomically(self.out / BEST_WEIGHTS, (folder / BEST_WEIGHTS).read_bytes())
+            else:
+                (self.out / BEST_WEIGHTS).unlink(missing_ok=True)
         self.step = state["step"]
         self.best_score, self.best_step = state["best_score"], state["best_step"]
         self.evals_without_gain = state["evals_without_gain"]
@@ -624,8 +691,14 @@ class Run:
             for task, value in task_losses.items():
                 name = f"loss/{task}"
                 pending[name] = pending.get(name, 0.0) + value.detach().float() / accelerator.num_processes / accum
-        if self.config["train"]["max_grad_norm"] and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(self.model.parameters(), self.config["train"]["max_grad_norm"])
+        if accelerator.sync_gradients:
+            # The norm is needed anyway to clip; with clipping off (inf) it is only measured. Every process holds
+            # the same reduced gradients, so all of them stop together.
+            norm = accelerator.clip_grad_norm_(
+                self.model.parameters(), self.config["train"]["max_grad_norm"] or math.inf
+            )
+            if not torch.isfinite(torch.as_tensor(norm)):
+                self.refuse_non_finite_step(float(norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -636,6 +709,16 @@ class Run:
         for group in self.optimizer.param_groups:
             logged[f"lr/{group['name']}"] = group["lr"]
         return logged
+
+    def refuse_non_finite_step(self, norm: float) -> None:
+        train = self.config["train"]
+        last = checkpoints_in(self.out)
+        resume = f" or --resume from {last[-1]} with changed settings" if last else ""
+        raise TrainingError(
+            f"the training loss is not finite at step {self.step + 1} (gradient norm {norm}): the run stopped before "
+            f"that step changed any weight, and ships nothing. Lower train.lr (now {train['lr']}) or train.head_lr "
+            f"(now {train['head_lr']}), keep train.max_grad_norm set, check the data; then start again{resume}."
+        )
 
     def evaluate(self) -> float | None:
         from train.evaluate import evaluate_datasets
@@ -666,11 +749,11 @@ class Run:
         return score
 
     def save_best(self) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(self.core), str(self.out / BEST_WEIGHTS))
+            with disk_full_is_said(self.out / BEST_WEIGHTS):
+                write_atomically(self.out / BEST_WEIGHTS, save(trainable_state(self.core)))
         self.accelerator.wait_for_everyone()
 
     def loop(self, on_step: Callable[[int], None] | None = None) -> None:
@@ -803,19 +886,138 @@ class Interrupted(Exception):
         self.folder, self.step = folder, step
 
 
+def claim_output_dir(out: Path, resume, overwrite: bool):
+    """
+    The run's output folder, held for the whole run (softbio_hf.predict.lock_exclusively: never left stuck by a
+    killed run). A folder holding another run is refused without --resume or --overwrite;
+    --overwrite empties it. Processes other than the first of a launcher share their first process's claim.
+    """
+    from softbio_hf.predict import lock_exclusively
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; give a folder (--set output_dir=...).")
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_exclusively(out / ".lock")
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} cannot be written ({error.strerror}); choose a writable folder.") from None
+    if lock is None:
+        raise ConfigError(
+            f"output_dir {out} is in use by another training run; wait for it to end, or choose another output_dir."
+        )
+    held = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if held and not resume:
+        if not overwrite:
+            lock.close()
+            raise ConfigError(
+                f"output_dir {out} already holds a run ({', '.join(held[:5])}). Continue it with --resume, replace "
+                "it with --overwrite, or choose another folder with --set output_dir=..."
+            )
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return lock
+
+
+def check_training_data(config: dict[str, Any]) -> None:
+    """Every data.train folder is a prepared dataset with a non-empty train split, an image column and valid
+    labels: said before the model is built (the model takes minutes to load)."""
+    from train.data import load_prepared
+
+    if config["method"]["name"] == "zs":
+        return
+    for folder in config["data"]["train"]:
+        if not Path(folder).is_dir():
+            raise TrainingError(
+                f"data.train: {folder} is not there. Prepare it first: python -m train.data prepare --dataset NAME "
+                f"--root DATASET_FOLDER --out {folder}"
+            )
+        try:
+            part = load_prepared([folder], "train")
+        except (FileNotFoundError, ValueError) as error:
+            raise TrainingError(f"data.train: {error}") from None
+        if not len(part):
+            raise TrainingError(f"data.train: {folder} has an empty train split; prepare it again or leave it out.")
+        if "image" not in part.column_names or not set(TASK_NAMES) & set(part.column_names):
+            raise TrainingError(
+                f"data.train: {folder} has columns {part.column_names}; training needs 'image' and at least one of "
+                f"{list(TASK_NAMES)}. Prepare it with python -m train.data prepare."
+            )
+
+
+def check_hub_target(repo_id: str | None) -> None:
+    """--push-to-hub is checked before training: the repo id by huggingface_hub's rule, and a token to push."""
+    if not repo_id:
+        return
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ConfigError(f"--push-to-hub {repo_id!r} is not a Hub repo id ({error}); use USER/NAME.") from None
+    if "/" not in repo_id:
+        raise ConfigError(f"--push-to-hub {repo_id!r}: use USER/NAME.")
+    if not get_token():
+        raise ConfigError(
+            "--push-to-hub needs a Hugging Face token and none is set: run `hf auth login` or set HF_TOKEN, then "
+            "start again. Nothing was trained."
+        )
+
+
 def checkpoints_in(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.partial` folder is a save that did not finish)."""
     folder = out / "checkpoints"
-    return sorted(p for p in folder.glob("step-*") if (p / TRAINER_STATE).is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if not p.name.endswith(".partial") and (p / TRAINER_STATE).is_file())
+
+
+def checkpoint_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, once its files have been checked: a ValueError says what is broken."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"its {TRAINER_STATE} cannot be read ({error})") from None
+    for weights in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(weights), "pt") as opened:
+                for name in opened.keys():  # noqa: SIM118 (safe_open is not iterable): every tensor must be there
+                    opened.get_slice(name)
+        except Exception as error:  # safetensors raises its own error types for a torn file
+            raise ValueError(f"{weights.name} is damaged ({error})") from None
+    return state
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """The whole file or the old one: written beside, then renamed over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".writing")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def disk_full_is_said(path: Path):
+    """A save that runs out of space (torch's serializer says 'enforce fail at inline_container') is said so."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        text = str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "inline_container" in text:
+            raise TrainingError(f"disk full at {path}: free some space and continue with --resume.") from None
+        raise
 
 
 def load_prepared_or_explain(load_prepared, paths: Sequence[str], split: str):
     try:
         return load_prepared(paths, split)
     except (FileNotFoundError, ValueError) as error:
-        raise TrainingError(
-            f"data.train: {error}. Prepare each dataset first: python -m train.data prepare --dataset NAME "
-            "--root DATASET_FOLDER --out FOLDER"
-        ) from error
+        raise TrainingError(f"data.train: {error}") from error
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
@@ -849,24 +1051,40 @@ def run_training(
     resume: str | bool | None = None,
     on_step: Callable[[int], None] | None = None,
     push_to_hub: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The whole run; `on_step(step)` is called after every optimizer step (progress hooks, tests); with
     `push_to_hub`, best/ and its test results go to that Hub repo at the end (train.hub's push)."""
-    summary = train_and_ship(config, resume, on_step)
+    check_hub_target(push_to_hub)
+    summary = train_and_ship(config, resume, on_step, overwrite)
     if push_to_hub and summary:
-        from train.hub import push_model
+        from train.hub import HubError, push_model
 
         out = Path(config["output_dir"])
         results = out / "eval" / "results.json"
-        summary["pushed"] = push_model(out / "best", push_to_hub, results=results if results.is_file() else None)
+        try:
+            summary["pushed"] = push_model(out / "best", push_to_hub, results=results if results.is_file() else None)
+        except HubError as error:
+            retry = f"python -m train.hub push --model {out / 'best'} --repo-id {push_to_hub}"
+            retry += f" --results {results}" if results.is_file() else ""
+            raise HubError(f"{error}\nThe run is trained and saved in {out}; push it again with: {retry}") from None
         print(summary["pushed"])
     return summary
 
 
-def train_and_ship(config: dict[str, Any], resume, on_step) -> dict[str, Any]:
+def train_and_ship(config: dict[str, Any], resume, on_step, overwrite: bool = False) -> dict[str, Any]:
+    run = Run(config, resume, overwrite)
+    try:
+        check_training_data(config)
+        return train_in(run, config, on_step)
+    finally:
+        if run.lock is not None:
+            run.lock.close()  # the claim on output_dir ends with the run (also when it fails)
+
+
+def train_in(run: Run, config: dict[str, Any], on_step) -> dict[str, Any]:
     import torch
 
-    run = Run(config, resume)
     run.setup()
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -923,6 +1141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the end, upload best/ with its model card and test results (python -m train.hub push)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what output_dir holds (without it, a folder holding another run is refused)",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -938,10 +1161,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.push_to_hub and "/" not in args.push_to_hub:
-            raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: use USER/NAME.")
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume continues output_dir's run and --overwrite replaces it: choose one.")
         config = load_config(args.config, args.overrides)
-        summary = run_training(config, args.resume, push_to_hub=args.push_to_hub)
+        summary = run_training(config, args.resume, push_to_hub=args.push_to_hub, overwrite=args.overwrite)
     except (ConfigError, TrainingError, HubError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
