@@ -242,6 +242,7 @@ def read_upload(path: str | None, requester: str, owners: "UploadOwners") -> tup
 
 # ---------------------------------------------------------------------------------------- upload owners
 UPLOADER_COOKIE = "softbio_uploader"
+API_NAME = "analyze"  # gradio_client: api_name="/analyze"
 MAX_UPLOADS_PER_REQUESTER = 1000  # the records stay small whatever a client sends
 
 
@@ -307,6 +308,16 @@ class RecordUploads:
         from starlette.requests import Request
 
         request = Request(scope)
+        if scope["method"] == "POST" and scope["path"].rstrip("/").endswith(f"/call/{API_NAME}"):
+            body = await read_body(receive)
+            refusal = api_payload_refusal(body)
+            if refusal:  # gradio would refuse it too, but with no reason ({"error": null}) or pydantic's internals
+                from starlette.responses import JSONResponse
+
+                logger.warning("refused an API call: %s", refusal)
+                await JSONResponse({"error": refusal}, status_code=422)(scope, receive, send)
+                return
+            receive = replay(body)
         requester = requester_key(request.cookies, request.client.host if request.client else None)
         new_token = None if requester.startswith("cookie:") else secrets.token_urlsafe(24)
         is_upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload")
@@ -329,6 +340,50 @@ class RecordUploads:
             await send(message)
 
         await self.app(scope, receive, send_and_record)
+
+
+async def read_body(receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body.extend(message.get("body", b""))
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
+def replay(body: bytes):
+    """An ASGI receive that hands the app the body read already."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def api_payload_refusal(body: bytes) -> str | None:
+    """Why an API call's image cannot be analysed (its ownership is checked later, by read_upload), or None."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, AttributeError):
+        return 'The request must be JSON: {"data": [image, detector, threshold]}.'
+    image = data[0] if isinstance(data, list) and data else None
+    meta = image.get("meta") if isinstance(image, dict) else None
+    path = image.get("path") if isinstance(image, dict) else None
+    if not (isinstance(meta, dict) and meta.get("_type") == "gradio.FileData" and isinstance(path, str)):
+        return (
+            "The image must be a file uploaded to this demo: with gradio_client, "
+            "Client(url).predict(handle_file('photo.jpg'), 'auto', 0, api_name='/analyze')."
+        )
+    if not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+        return "That file is not an upload of this demo: upload the photo itself."
+    return None
 
 
 def uploaded_paths(body: bytes) -> list[str]:
@@ -531,7 +586,7 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         api_out = gr.JSON(visible=False, label="faces")
         api_trigger = gr.Button(visible=False)
         api_trigger.click(
-            analyze_api, [api_file, api_detector, api_threshold], api_out, preprocess=False, api_name="analyze"
+            analyze_api, [api_file, api_detector, api_threshold], api_out, preprocess=False, api_name=API_NAME
         )
     return demo
 

@@ -101,10 +101,33 @@ def test_a_crafted_path_outside_the_uploads_is_refused_and_left_alone(app, tmp_p
     secret = tmp_path / "someone-elses.jpg"
     secret.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes())
     crafted = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": "x.jpg"}
-    answer = raw_api_call(app["url"], "analyze", [crafted, "haar", 0])  # gradio_client would upload the file
-    assert "event: error" in answer and "event: complete" not in answer
+    status, answer = refused_api_call(app["url"], [crafted, "haar", 0])  # gradio_client would upload the file
+    assert status == 422 and "not an upload of this demo" in answer  # a reason, not {"error": null}
     assert str(tmp_path) not in answer  # no server path comes back
     assert secret.is_file()
+
+
+@pytest.mark.parametrize("payload", [42, "photo.jpg", {"path": 7}, None])
+def test_a_payload_of_the_wrong_kind_gets_the_reason_and_how_to_call(app, payload):
+    status, answer = refused_api_call(app["url"], [payload, "haar", 0])
+    assert status == 422 and "handle_file('photo.jpg')" in answer and "pydantic" not in answer
+
+
+def refused_api_call(url: str, data: list) -> tuple[int, str]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/analyze",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def raw_api_call(url: str, endpoint: str, data: list, cookie: str | None = None) -> str:
