@@ -701,7 +701,15 @@ def load_prepared(paths: Iterable[str | Path], split: str = "train"):
 
     parts = []
     for path in tqdm(list(paths), desc="load prepared datasets", unit="dataset"):
-        loaded = load_from_disk(str(path))
+        try:
+            loaded = load_from_disk(str(path))
+        except FileNotFoundError:
+            raise
+        except (IndexError, KeyError, ValueError, OSError) as error:  # e.g. a split saved with no row
+            raise ValueError(
+                f"{path} cannot be loaded as a prepared dataset ({type(error).__name__}: {error}; a split saved "
+                "without rows is one cause). Prepare it again with python -m train.data prepare"
+            ) from None
         if split not in loaded:
             raise ValueError(
                 f"{path} has no {split!r} split (it has {list(loaded)}). A benchmark without one cannot serve "
@@ -710,7 +718,8 @@ def load_prepared(paths: Iterable[str | Path], split: str = "train"):
             )
         check_labels(loaded[split], f"{path} ({split})")
         parts.append(loaded[split])
-    return concatenate_datasets(parts)
+    filled = [part for part in parts if len(part)]  # datasets cannot concatenate an empty table
+    return concatenate_datasets(filled) if filled else parts[0]
 
 
 def check_labels(dataset, name: str) -> None:

@@ -409,7 +409,6 @@ def upload(
     message: str,
 ) -> str:
     """One commit holding the whole folder; the repo is created if needed, an existing one updated."""
-    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
@@ -423,7 +422,7 @@ def upload(
         raise HubError(f"No valid Hugging Face token ({error}). {LOGIN_HINT}") from error
     except OfflineModeIsEnabled as error:
         raise HubError(offline) from error
-    except (OSError, httpx.HTTPError) as error:  # httpx's ConnectError is no OSError
+    except Exception as error:  # a dead network surfaces as the HTTP client's own error types, no OSError
         raise HubError(
             f"Could not reach the Hugging Face Hub ({type(error).__name__}: {error}); nothing was uploaded. Check the "
             "network, or look first with --dry-run --out DIR."
@@ -452,7 +451,7 @@ def upload(
             revision=revision,
             create_pr=create_pr,
         )
-    except (HfHubHTTPError, OSError, httpx.HTTPError) as error:  # one commit: nothing is half-uploaded
+    except Exception as error:  # one commit: whatever failed, nothing is half-uploaded
         raise HubError(f"Upload to {repo_id} failed ({error}); nothing was committed. {LOGIN_HINT}") from error
     name = user.get("name", "?") if isinstance(user, dict) else "?"
     return f"{getattr(commit, 'commit_url', commit)} (as {name})"
