@@ -45,3 +45,23 @@ def make_synthetic_folder(
         lines.append(f"{i:04d}.png,{age_cell},{gender},{emotion_cell},{split}")
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def run_settings(data, backbone, out, **extra) -> list[str]:
+    """`--set` values for a short CPU training run of a tiny backbone on `data`; `extra` overrides any of them."""
+    values = {
+        "model.backbone": str(backbone),
+        "data.train": f"[{data}]",
+        "data.eval": f"[{data}]",
+        "train.max_steps": 150,
+        "train.batch_size": 32,
+        "train.warmup_steps": 5,
+        "train.mixed_precision": "no",
+        "train.device": "cpu",
+        "eval.every": 50,
+        "checkpoint.every": 50,
+        "data.num_workers": 0,
+        "output_dir": str(out),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]

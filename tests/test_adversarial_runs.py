@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from datasets_fixtures import face_like
 from safetensors.torch import load_file, save_file
-from synthetic import make_synthetic_folder
+from synthetic import make_synthetic_folder, run_settings
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -37,23 +37,11 @@ def data(tmp_path_factory):
     return root / "prepared"
 
 
+QUICK = {"train.max_steps": 8, "train.batch_size": 16, "train.warmup_steps": 1, "eval.every": 4, "checkpoint.every": 4}
+
+
 def settings(data, backbone, out, **extra) -> list[str]:
-    values = {
-        "model.backbone": str(backbone),
-        "data.train": f"[{data}]",
-        "data.eval": f"[{data}]",
-        "train.max_steps": 8,
-        "train.batch_size": 16,
-        "train.warmup_steps": 1,
-        "train.mixed_precision": "no",
-        "train.device": "cpu",
-        "eval.every": 4,
-        "checkpoint.every": 4,
-        "data.num_workers": 0,
-        "output_dir": str(out),
-        **extra,
-    }
-    return [f"{key}={value}" for key, value in values.items()]
+    return run_settings(data, backbone, out, **{**QUICK, **extra})
 
 
 def train(*args: str) -> int:

@@ -13,6 +13,7 @@ import torch
 from remote import run_without_softbio
 from safetensors.torch import load_file
 from synthetic import make_synthetic_folder
+from synthetic import run_settings as settings
 
 from train.data import prepare
 from train.train import BEST_WEIGHTS, Interrupted, build_model, load_config, main, run_training, training_draw
@@ -26,25 +27,6 @@ def synthetic(tmp_path_factory):
     make_synthetic_folder(root / "raw")
     prepare("folder", root / "raw", root / "prepared", image_size=32)
     return root / "prepared"
-
-
-def settings(synthetic, backbone, out, **extra) -> list[str]:
-    values = {
-        "model.backbone": str(backbone),
-        "data.train": f"[{synthetic}]",
-        "data.eval": f"[{synthetic}]",
-        "train.max_steps": 150,
-        "train.batch_size": 32,
-        "train.warmup_steps": 5,
-        "train.mixed_precision": "no",
-        "train.device": "cpu",
-        "eval.every": 50,
-        "checkpoint.every": 50,
-        "data.num_workers": 0,
-        "output_dir": str(out),
-        **extra,
-    }
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 def trained(out) -> dict[str, torch.Tensor]:

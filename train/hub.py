@@ -533,16 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, option: str = "--repo-id") -> None:
     """huggingface_hub's own rule, and a namespace: USER/NAME or ORG/NAME."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
+        raise HubError(f"{option} {repo_id!r} is not a Hub repo id: {error}") from None
     if "/" not in repo_id:
-        raise HubError(f"--repo-id {repo_id!r}: use USER/NAME (or ORG/NAME).")
+        raise HubError(f"{option} {repo_id!r}: use USER/NAME (or ORG/NAME).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -952,14 +952,10 @@ def check_hub_target(repo_id: str | None) -> None:
     if not repo_id:
         return
     from huggingface_hub import get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ConfigError(f"--push-to-hub {repo_id!r} is not a Hub repo id ({error}); use USER/NAME.") from None
-    if "/" not in repo_id:
-        raise ConfigError(f"--push-to-hub {repo_id!r}: use USER/NAME.")
+    from train.hub import check_repo_id
+
+    check_repo_id(repo_id, "--push-to-hub")
     if not get_token():
         raise ConfigError(
             "--push-to-hub needs a Hugging Face token and none is set: run `hf auth login` or set HF_TOKEN, then "
