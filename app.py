@@ -171,10 +171,10 @@ def zero_shot(clip: str, config_path: Path | None):
     return model, f"zero-shot {clip}"
 
 
-def build_pipeline(model):
+def build_pipeline(model, backend: str = "torch"):
     from transformers import pipeline
 
-    return pipeline("soft-biometrics", model=model, dtype="auto")
+    return pipeline("soft-biometrics", model=model, dtype="auto", backend=backend)
 
 
 def compile_for_serving(pipe) -> None:
@@ -628,6 +628,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "off): each photo is then faster (6-18%% on a 2-core CPU in bench.speed's runs), for about 20 s more at "
         "every start with ViT-L/14@336",
     )
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("SOFTBIO_BACKEND", "torch"),
+        choices=("torch", "onnx", "openvino", "auto"),
+        help="where the forward pass runs (env SOFTBIO_BACKEND): torch (default), the model's ONNX / OpenVINO "
+        "export, made once with python -m softbio_hf.export --model DIR --out DIR, or auto (OpenVINO where its "
+        "export is there, the fastest measured on CPUs; else torch, said once)",
+    )
     return parser.parse_args(argv)
 
 
@@ -642,8 +650,12 @@ def main(argv: list[str] | None = None) -> int:
     from starlette.middleware import Middleware
 
     owners = UploadOwners(max_age_s=sum(CACHE_SWEEP), examples=example_files())  # gradio's sweep is gone by then
-    pipe = build_pipeline(model)
-    if args.compile:
+    try:
+        pipe = build_pipeline(model, args.backend)
+    except (ValueError, FileNotFoundError, ImportError) as error:  # no export, no runtime
+        print(f"softbio: {error}", file=sys.stderr)
+        return 2
+    if args.compile and pipe.exported is None:  # an exported model is compiled by its runtime
         compile_for_serving(pipe)
     demo = build_demo(pipe, name, owners)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)

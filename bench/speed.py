@@ -225,6 +225,7 @@ def run(
     dtype: str = "auto",
     compile: bool = True,
     photos: int = 4,
+    backends: tuple[str, ...] = (),
 ) -> dict:
     import numpy as np
     import torch
@@ -287,8 +288,17 @@ def run(
             lambda _: (pipeline_photos_per_second(pipe, photo, photos), None),
             baseline=naive_pipeline,
         )
+    export_seconds = (
+        exported_rows(
+            table, config, backends, pixels, photo, photos, batch_size, device, fast, naive_row, naive_pipeline
+        )
+        if backends
+        else {}
+    )
     return {
         "device": str(device),
+        "cpu": cpu_description(),
+        "export_seconds": export_seconds,
         "backbone": "tiny" if tiny else "ViT-L/14@336 (random weights)",
         "gflop_per_image": flops / 1e9,
         "peak_gflop_per_s": {d: peak / 1e9 for d, peak in peaks.items()},
@@ -304,6 +314,12 @@ def markdown(result: dict) -> str:
     lines = [
         f"{result['backbone']} on {result['device']}, {result['gflop_per_image']:.1f} GFLOP per image; matmul peak "
         f"GFLOP/s {peaks}; limit {result['limit_images_per_s']:.3f} images/s; compilation {compiled}",
+        f"CPU: {result['cpu']}"
+        + (
+            f"; export {', '.join(f'{k} {v} s' for k, v in result['export_seconds'].items())}"
+            if result["export_seconds"]
+            else ""
+        ),
         "",
         "| setting | images/s | s per image | share of limit | vs naive | same top label as fp32 | largest prob. "
         "difference | peak memory GB |",
@@ -318,6 +334,62 @@ def markdown(result: dict) -> str:
             f"{row['peak_mem_gb']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def exported_rows(table, config, backends, pixels, photo, photos, batch_size, device, fast, naive_row, naive_pipeline):
+    """Rows for the exported backends (python -m softbio_hf.export of the same weights): the model alone and the
+    whole pipeline, each against the naive rows; OpenVINO also at its own precision where the CPU has bf16."""
+    import tempfile
+
+    import torch
+    from transformers import pipeline
+
+    from softbio_hf.export import export
+
+    if device.type != "cpu":
+        raise SystemExit("error: --backends run on the CPU; use --device cpu.")
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="softbio-bench-export-") as folder:
+        model = build(config, "sdpa", torch.float32, device)
+        model.save_pretrained(folder)
+        for backend in backends:
+            started = time.perf_counter()
+            export(model, folder, [backend])
+            seconds[backend] = round(time.perf_counter() - started, 1)
+            precisions = ["float32"] + (["auto"] if backend == "openvino" and fast == torch.bfloat16 else [])
+            for dtype in precisions:
+                pipe = pipeline("soft-biometrics", model=folder, device=device, dtype="float32", backend=backend)
+                if dtype == "auto":  # OpenVINO's own choice: bf16 on CPUs that have it
+                    pipe.exported = pipe.load_exported(backend, "auto")
+                label = f"{backend}, {'fp32' if dtype == 'float32' else 'its default precision (bf16)'}"
+                forward = pipe.classify
+                table.add(
+                    f"{label}, batch {{batch}}",
+                    lambda size, forward=forward: images_per_second(forward, pixels, size, device),
+                    batch_size,
+                    naive_row,
+                    naive_row,
+                )
+                table.add(
+                    f"pipeline, {label} (photo of one face, detection included)",
+                    lambda _, pipe=pipe: (pipeline_photos_per_second(pipe, photo, photos), None),
+                    baseline=naive_pipeline,
+                )
+    return seconds
+
+
+def cpu_description() -> str:
+    """The CPU the run measured: vendor and model, and whether it has AVX-512 and native bf16."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return (
+        f"{name}; AVX-512 {'yes' if 'avx512f' in flags else 'no'}; "
+        f"native bf16 {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,11 +407,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip the compiled rows (each compiles for ~20 s)"
     )
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=[],
+        choices=("onnx", "openvino"),
+        help="also measure the exported model in these runtimes (CPU; exports the same weights first)",
+    )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
     if min(args.images, args.batch_size, args.photos) < 1:
         parser.error("--images, --batch-size and --photos must be at least 1")
-    result = run(args.tiny, args.images, args.batch_size, args.device, args.dtype, args.compile, args.photos)
+    result = run(
+        args.tiny,
+        args.images,
+        args.batch_size,
+        args.device,
+        args.dtype,
+        args.compile,
+        args.photos,
+        tuple(args.backends),
+    )
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as handle:

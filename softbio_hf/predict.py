@@ -305,7 +305,7 @@ def load_model(spec: str):
         ) from error
 
 
-def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
+def load_pipeline(model: str, device: str | None, dtype: str, detector: str, backend: str = "torch"):
     import torch
     from transformers import pipeline
 
@@ -320,8 +320,8 @@ def load_pipeline(model: str, device: str | None, dtype: str, detector: str):
     except ValueError as error:
         raise PredictError(str(error)) from error
     try:
-        pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device)
-    except ValueError as error:  # e.g. a head without trained weights
+        pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device, backend=backend)
+    except (ValueError, FileNotFoundError, ImportError) as error:  # an untrained head, no export, no runtime
         raise PredictError(str(error)) from error
     try:
         pipe.detector(detector)  # built once here, so a bad name fails before any work
@@ -341,6 +341,7 @@ def predict(
     device: str | None = None,
     dtype: str = "auto",
     compile: bool = False,
+    backend: str = "torch",
     limit: int | None = None,
     probabilities: bool = False,
     resume: bool = False,
@@ -366,7 +367,7 @@ def predict(
             shutil.rmtree(parts_folder(out), ignore_errors=True)  # an unfinished older run's rows, not the table
         state.wait_for_everyone()
         sources = expand_inputs(inputs, limit)
-        pipe = load_pipeline(model, device or str(state.device), dtype, detector)
+        pipe = load_pipeline(model, device or str(state.device), dtype, detector, backend)
         if compile:
             seconds = pipe.compile(batch_size)
             if state.is_main_process:
@@ -454,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model first (inductor, frozen weights): faster passes after a one-off compilation "
         "of about 20 s on a CPU for ViT-L/14@336; worth it from a few dozen photos",
     )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "openvino", "auto"),
+        help="where the forward pass runs: torch (default), the model's ONNX / OpenVINO export (python -m "
+        "softbio_hf.export; CPU only), or auto (OpenVINO on a CPU where its export is there, the fastest measured; "
+        "else torch, said once)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -465,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1 or args.num_workers < 0 or (args.limit is not None and args.limit < 1):
             raise PredictError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
+        if args.compile and args.backend not in ("torch", "auto"):
+            raise PredictError(f"--compile is torch's; the {args.backend} runtime compiles its model itself.")
         stats = predict(
             args.inputs,
             args.model,
@@ -475,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             compile=args.compile,
+            backend=args.backend,
             limit=args.limit,
             probabilities=args.probabilities,
             resume=args.resume,

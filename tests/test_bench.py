@@ -221,3 +221,19 @@ def test_the_bf16_decision_can_be_forced_to_the_other_kind_of_cpu(monkeypatch, f
     monkeypatch.setenv("SOFTBIO_CPU_BF16", forced)
     assert fast_bf16_available(torch.device("cpu")) is expected
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if expected else torch.float32)
+
+
+def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows():
+    from bench.speed import markdown, run
+
+    result = run(
+        tiny=True, images=4, batch_size=2, device="cpu", compile=False, photos=1, backends=("onnx", "openvino")
+    )
+    rows = {row["setting"]: row for row in result["rows"]}
+    for backend in ("onnx", "openvino"):
+        model_row = rows[f"{backend}, fp32, batch 2"]
+        assert model_row["top_label_agreement"] == 1.0 and model_row["max_prob_diff"] < 1e-4
+        assert model_row["baseline"].startswith("naive") and model_row["share_of_limit"] > 0
+        assert rows[f"pipeline, {backend}, fp32 (photo of one face, detection included)"]["images_per_s"] > 0
+        assert result["export_seconds"][backend] > 0
+    assert "AVX-512" in result["cpu"] and "CPU:" in markdown(result)

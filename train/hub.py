@@ -93,8 +93,11 @@ def training_summary(model_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if model_dir.name == "best" and path.is_file() else None
 
 
-def stage_model(model_dir: Path, out: Path, repo_id: str, results_path: Path | None, merge: bool) -> list[str]:
-    """Write the folder that is uploaded: weights, config, remote code, image processor, card, evaluation."""
+def stage_model(
+    model_dir: Path, out: Path, repo_id: str, results_path: Path | None, merge: bool, export: bool = False
+) -> list[str]:
+    """Write the folder that is uploaded: weights, config, remote code, image processor, card, evaluation, and
+    with `export` the ONNX and OpenVINO artifacts (softbio_hf.export) in onnx/ and openvino/."""
     from softbio_hf import SoftBioModel
     from softbio_hf.modeling_softbio import refuse_untrained_heads
 
@@ -114,6 +117,14 @@ def stage_model(model_dir: Path, out: Path, repo_id: str, results_path: Path | N
         model.merge_adapters()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors, config with auto_map + custom_pipelines, code, image processor
+    if export:
+        from softbio_hf.export import ExportError
+        from softbio_hf.export import export as export_model
+
+        try:
+            export_model(model, out)
+        except (ExportError, ImportError) as error:
+            raise HubError(f"--export: {error}") from None
     plots = []
     if results is not None:
         (out / "eval").mkdir(exist_ok=True)
@@ -123,7 +134,7 @@ def stage_model(model_dir: Path, out: Path, repo_id: str, results_path: Path | N
             if source.is_file():
                 shutil.copy(source, out / "eval" / name)
                 plots.append(f"eval/{name}")
-    card = model_card(model.config, repo_id, results, training_summary(model_dir), plots)
+    card = model_card(model.config, repo_id, results, training_summary(model_dir), plots, exported=export)
     card.save(out / "README.md")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
@@ -193,7 +204,14 @@ def hub_id_or_none(name: str | None) -> str | None:
     return name
 
 
-def model_card(config, repo_id: str, results: Mapping[str, Any] | None, summary: Mapping[str, Any] | None, plots):
+def model_card(
+    config,
+    repo_id: str,
+    results: Mapping[str, Any] | None,
+    summary: Mapping[str, Any] | None,
+    plots,
+    exported: bool = False,
+):
     """The card from the config and results.json; a checkpoint without results says it is not evaluated."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -336,6 +354,7 @@ def model_card(config, repo_id: str, results: Mapping[str, Any] | None, summary:
         "logits = model(**processor(images=face_crop, return_tensors='pt')).logits  # {'age': ..., 'gender': ...}",
         "```",
         "",
+        *(onnx_usage(repo_id, config) if exported else []),
         "## Licence",
         "",
         f"The weights and code here: {LICENSE.upper()}. The base model and the benchmarks have licences of their own "
@@ -394,6 +413,28 @@ def space_readme(model_repo: str, repo_id: str) -> str:
         f"[{model_repo}](https://huggingface.co/{model_repo}). Photos are analysed in memory, only for the browser "
         "that sent them; the server's upload cache is emptied of photos older than two minutes, every minute.\n"
     )
+
+
+def onnx_usage(repo_id: str, config) -> list[str]:
+    """The card's snippet for the exported model: onnxruntime alone, no torch, no softbio."""
+    size = config.image_size
+    return [
+        "Exported for CPU serving (`onnx/model.onnx`, `openvino/`): with onnxruntime alone, no torch or softbio,",
+        f"on face crops resized to {size}x{size} and normalised with `preprocessor_config.json`'s mean and std:",
+        "",
+        "```python",
+        "import numpy as np",
+        "import onnxruntime",
+        "from huggingface_hub import hf_hub_download",
+        "",
+        f'session = onnxruntime.InferenceSession(hf_hub_download("{repo_id}", "onnx/model.onnx"))',
+        f"crops = np.zeros((1, 3, {size}, {size}), np.float32)  # your normalised face crops",
+        f"logits = dict(zip({list(config.tasks)}, session.run(None, {{'pixel_values': crops}})))",
+        "```",
+        "",
+        'Or through the pipeline: `pipeline("soft-biometrics", model=..., backend="onnx")` (or "openvino").',
+        "",
+    ]
 
 
 # -------------------------------------------------------------------------------------------- upload
@@ -468,6 +509,7 @@ def push_model(
     token: str | None = None,
     merge: bool = False,
     dry_run_to: str | Path | None = None,
+    export: bool = False,
 ) -> str:
     """What `push` does; `train.train --push-to-hub` calls it at the end of a run."""
     model_dir = Path(model_dir)
@@ -475,10 +517,10 @@ def push_model(
         out = Path(dry_run_to)
         if out.exists() and any(out.iterdir()):
             raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
-        files = stage_model(model_dir, out, repo_id, Path(results) if results else None, merge)
+        files = stage_model(model_dir, out, repo_id, Path(results) if results else None, merge, export)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
     with tempfile.TemporaryDirectory(prefix="softbio-push-") as staging:
-        stage_model(model_dir, Path(staging), repo_id, Path(results) if results else None, merge)
+        stage_model(model_dir, Path(staging), repo_id, Path(results) if results else None, merge, export)
         return upload(
             Path(staging),
             repo_id,
@@ -520,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to commit to (created if needed)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--merge", action="store_true", help="merge unmerged adapters before uploading")
+    push.add_argument(
+        "--export", action="store_true", help="also upload ONNX and OpenVINO exports (onnx/, openvino/), same commit"
+    )
     push.add_argument("--token", default=None, help="Hugging Face token (default: hf auth login / HF_TOKEN)")
     push.add_argument("--dry-run", action="store_true", help="write the folder to --out instead of uploading")
     push.add_argument("--out", default=None, help="folder for --dry-run")
@@ -563,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 token=args.token,
                 merge=args.merge,
                 dry_run_to=out,
+                export=args.export,
             )
         else:
             message = push_space(args.repo_id, args.model, private=args.private, token=args.token, dry_run_to=out)

@@ -1,0 +1,161 @@
+"""python -m softbio_hf.export and the pipeline's exported backends: the same answers as torch, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from photos import astronaut, grace_hopper
+from tiny import TINY_VISION
+from transformers import pipeline
+
+from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_hf.export import main as export_main
+from softbio_hf.predict import main as predict_main
+
+REPO = Path(__file__).resolve().parents[1]
+GRACE = str(REPO / "examples" / "grace_hopper.jpg")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A tiny checkpoint with both exports beside it, made by the command a user runs."""
+    folder = tmp_path_factory.mktemp("exported") / "model"
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    model.save_pretrained(folder)
+    assert export_main(["--model", str(folder), "--out", str(folder)]) == 0
+    return folder
+
+
+def test_the_export_writes_both_formats_and_says_what_it_holds(exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["tasks"] == ["age", "gender", "emotion"] and manifest["batch"] == "dynamic"
+    assert manifest["input"] == {"name": "pixel_values", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+    assert manifest["outputs"] == ["logits_age", "logits_gender", "logits_emotion"]
+    assert {"torch", "onnx", "openvino"} <= set(manifest["versions"]) and manifest["opset"] >= 17
+    for name in ("onnx/model.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin", "config.json"):
+        assert (exported / name).is_file(), name
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_the_pipeline_serves_the_same_json_from_each_backend(exported, backend):
+    reference = pipeline("soft-biometrics", model=str(exported), dtype="float32")
+    served = pipeline("soft-biometrics", model=str(exported), dtype="float32", backend=backend)
+    assert served.exported is not None and served.exported.backend == backend
+    photos = [astronaut(), grace_hopper()]
+    for expected, got in zip(reference(photos, detector="haar"), served(photos, detector="haar"), strict=True):
+        assert len(expected) == len(got) >= 1
+        for face_expected, face_got in zip(expected, got, strict=True):
+            assert face_got["box"] == face_expected["box"]
+            for task in ("age", "gender", "emotion"):
+                assert face_got[task]["label"] == face_expected[task]["label"]
+                for label, p in face_expected[task]["scores"].items():
+                    assert face_got[task]["scores"][label] == pytest.approx(p, abs=1e-4)
+
+
+def test_the_batch_command_takes_a_backend_and_gives_the_same_rows(exported, tmp_path):
+    common = [GRACE, "--model", str(exported), "--detector", "haar", "--num-workers", "0", "--dtype", "float32"]
+    assert predict_main([*common, "--out", str(tmp_path / "torch.csv")]) == 0
+    assert predict_main([*common, "--out", str(tmp_path / "onnx.csv"), "--backend", "onnx"]) == 0
+    torch_rows = (tmp_path / "torch.csv").read_text().splitlines()
+    onnx_rows = (tmp_path / "onnx.csv").read_text().splitlines()
+    assert len(torch_rows) == len(onnx_rows) == 2
+    labels = [cell for cell in torch_rows[1].split(",") if cell in ("male", "female")]
+    assert labels and all(label in onnx_rows[1] for label in labels)
+
+
+def test_the_onnx_artifact_runs_where_neither_torch_nor_softbio_can_be_imported(exported, tmp_path):
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = SoftBioModel.from_pretrained(exported).eval()(pixel_values=torch.from_numpy(x)).logits
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, json\n"
+        "sys.modules['torch'] = None; sys.modules['softbio_hf'] = None  # neither can be imported\n"
+        "import numpy as np, onnxruntime\n"
+        "session = onnxruntime.InferenceSession(sys.argv[1] + '/onnx/model.onnx', providers=['CPUExecutionProvider'])\n"
+        "out = session.run(None, {'pixel_values': np.load(sys.argv[2])})\n"
+        "names = [o.name for o in session.get_outputs()]\n"
+        "print(json.dumps({n: o.tolist() for n, o in zip(names, out)}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(exported), str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logits = json.loads(result.stdout)
+    for task, value in expected.items():
+        np.testing.assert_allclose(np.array(logits[f"logits_{task}"]), value.numpy(), atol=1e-5)
+
+
+def test_unmerged_adapters_are_refused_with_the_way_to_export(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    model.apply_method("lora", rank=2)
+    model.save_pretrained(tmp_path / "lora")
+    assert export_main(["--model", str(tmp_path / "lora"), "--out", str(tmp_path / "out")]) == 2
+    assert "unmerged lora adapters" in capsys.readouterr().err and not (tmp_path / "out" / "onnx").exists()
+    assert export_main(["--model", str(tmp_path / "lora"), "--out", str(tmp_path / "out"), "--merge"]) == 0
+
+
+def test_a_backend_without_an_export_says_how_to_make_one(tmp_path):
+    torch.manual_seed(0)
+    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
+        tmp_path / "plain"
+    )
+    with pytest.raises(FileNotFoundError, match=r"python -m softbio_hf.export --model .*plain --format onnx"):
+        pipeline("soft-biometrics", model=str(tmp_path / "plain"), backend="onnx")
+    with pytest.raises(ValueError, match=r"backend='tensorrt'"):
+        pipeline("soft-biometrics", model=str(tmp_path / "plain"), backend="tensorrt")
+
+
+def test_hub_push_export_uploads_the_artifacts_in_the_same_commit_with_a_card_that_runs_them(exported, tmp_path):
+    from train import hub
+
+    plain = tmp_path / "plain"
+    SoftBioModel.from_pretrained(exported).save_pretrained(plain)
+    argv = ["push", "--model", str(plain), "--repo-id", "me/x", "--export", "--dry-run", "--out", str(tmp_path / "p")]
+    assert hub.main(argv) == 0
+    staged = tmp_path / "p"
+    for name in ("onnx/model.onnx", "openvino/openvino_model.xml", "manifest.json", "model.safetensors"):
+        assert (staged / name).is_file(), name
+    assert "auto_map" in json.loads((staged / "config.json").read_text())  # the checkpoint's own config
+    card = (staged / "README.md").read_text()
+    assert "import onnxruntime" in card and 'hf_hub_download("me/x", "onnx/model.onnx")' in card
+
+
+def test_the_demo_serves_the_onnx_export(exported, tmp_path):
+    from gradio_client import Client, handle_file
+    from serving import running_app
+
+    expected = pipeline("soft-biometrics", model=str(exported), dtype="float32")(GRACE, detector="haar")
+    with running_app(REPO / "app.py", exported, tmp_path, env={"SOFTBIO_BACKEND": "onnx"}) as served:
+        faces = Client(served["url"], verbose=False).predict(handle_file(GRACE), "haar", 0, api_name="/analyze")
+        log = served["log"].read_text()
+    assert "compiling" not in log  # an exported model is not torch.compiled
+    assert [f["gender"]["label"] for f in faces] == [f["gender"]["label"] for f in expected]
+    assert faces[0]["age"]["scores"]["0-2"] == pytest.approx(expected[0]["age"]["scores"]["0-2"], abs=1e-3)
+
+
+def test_auto_picks_openvino_where_its_export_is_there_and_says_so_when_it_is_not(exported, tmp_path, caplog):
+    chosen = pipeline("soft-biometrics", model=str(exported), dtype="float32", backend="auto")
+    assert chosen.exported is not None and chosen.exported.backend == "openvino"
+    torch.manual_seed(0)
+    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
+        tmp_path / "plain"
+    )
+    with caplog.at_level("WARNING"):
+        plain = pipeline("soft-biometrics", model=str(tmp_path / "plain"), backend="auto")
+    assert plain.exported is None
+    said = [r.getMessage() for r in caplog.records if "backend auto" in r.getMessage()]
+    assert len(said) == 1 and "torch, since" in said[0] and "softbio_hf.export" in said[0]
+    assert plain(GRACE, detector="haar")  # and it serves, with torch
