@@ -19,8 +19,8 @@ from transformers.pipelines.base import ChunkPipeline
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
 from .modeling_softbio import expected_age_years, image_processor_for, refuse_untrained_heads
 
-# A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
 logger = logging.getLogger(__name__)
+# A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_DOWNLOAD_BYTES = 25 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 10.0
@@ -330,8 +330,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
 
     def fastest_exported(self, dtype) -> Any:
         """backend="auto": OpenVINO on a CPU when the model has its export, the fastest there in bench.speed's
-        runs (its bf16 path 0.98 images/s against torch compiled's 0.87 on an AVX-512 BF16 CPU; its fp32 92% of
-        the limit against torch's 88% on an AVX2-only one); else torch, said once."""
+        runs (its bf16 path 0.98 images/s against torch compiled's 0.87 on an AVX-512 BF16 CPU; on an AVX2-only
+        one its fp32 92% of the limit against torch compiled's 88%); else torch, said once."""
         reason = None
         if self.device.type != "cpu":
             return None  # torch on a GPU: nothing faster here

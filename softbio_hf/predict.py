@@ -184,13 +184,9 @@ def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> Non
             for row in rows:
                 handle.write(json.dumps({k: row.get(k) for k in names}) + "\n")
     else:
+        pyarrow = optional_import("pyarrow", "train", "a .parquet table")
         parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
-        parquet.write_table(
-            optional_import("pyarrow", "train", "a .parquet table").Table.from_pylist(
-                [{k: row.get(k) for k in names} for row in rows]
-            ),
-            partial,
-        )
+        parquet.write_table(pyarrow.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
     os.replace(partial, out)
 
 
