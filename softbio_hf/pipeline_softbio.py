@@ -415,6 +415,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
         one bad image is named up front; each image is decoded when its turn comes, so a long list streams. A
         generator or a dataset streams too: each image is loaded (and checked) as it comes.
         """
+        from .video import is_video
+
+        if is_video(inputs):  # a clip: faces per analysed frame, tracked, and one answer per track
+            return self.analyze_video(inputs, **kwargs)
         single = isinstance(inputs, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image, dict))
         if not single and not isinstance(inputs, (list, tuple)):
             if hasattr(inputs, "__iter__"):
@@ -434,6 +438,24 @@ class SoftBiometricsPipeline(ChunkPipeline):
             return []
         results = super().__call__(items, **kwargs)
         return results[0] if single else results
+
+    def analyze_video(
+        self,
+        source: str | os.PathLike,
+        every: int | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        max_gap: int = 5,
+        **options,
+    ) -> dict[str, Any]:
+        """A video file (path or URL): `{"frames": [{"frame", "time_s", "faces": [... each with "track_id"]}],
+        "tracks": [one steady answer per person]}`; one frame in `every` (or `fps` a second), at most `max_frames`;
+        a track survives `max_gap` analysed frames without its face. See softbio_hf/video.py."""
+        from .video import VideoInputError, analyze_video
+
+        if options.get("top_k") is not None:
+            raise VideoInputError("top_k: a track averages every class's probability, so videos report them all.")
+        return analyze_video(self, source, every, fps, max_frames, max_gap, **options)
 
     def detector(self, name: str):
         if name not in self._detectors:

@@ -1,0 +1,101 @@
+"""Video: people tracked through a real mp4, one steady answer per person, and bad clips named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clips import make_clip
+from tiny import TINY_VISION
+from transformers import pipeline
+
+from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_hf.video import VideoInputError, read_frames
+
+TASKS = ("age", "gender", "emotion")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    return pipeline("soft-biometrics", model=model, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("clip") / "walk.mp4"
+    return path, make_clip(path)
+
+
+@pytest.fixture(scope="module")
+def analysed(pipe, clip):
+    return pipe(str(clip[0]), detector="haar")
+
+
+def test_two_people_are_two_tracks_with_their_frame_spans(analysed, clip):
+    _, truth = clip
+    tracks = sorted(analysed["tracks"], key=lambda t: t["first_frame"])
+    assert len(tracks) == 2
+    for track, person in zip(tracks, ("a", "b"), strict=True):
+        frames = truth[person]
+        assert (track["first_frame"], track["last_frame"]) == (frames[0], frames[-1])
+        assert track["frames"] >= 0.85 * len(frames)  # the detector may miss a frame; the track bridges it
+        assert track["first_time_s"] == pytest.approx(frames[0] / 8.0)
+    assert not any(f["faces"] for f in analysed["frames"][: truth["a"][0]])  # the empty frames stay empty
+    moving, standing = tracks
+    assert moving["box_last"]["xmin"] > moving["box_first"]["xmin"] + 100  # A walked right, B stood
+    assert abs(standing["box_last"]["xmin"] - standing["box_first"]["xmin"]) < 10
+
+
+def test_each_frame_is_answered_as_the_photo_pipeline_answers_it(pipe, analysed, clip):
+    frames = {f.index: f.rgb for f in read_frames(clip[0])}
+    for entry in analysed["frames"][::5]:
+        photo = pipe(frames[entry["frame"]], detector="haar")
+        video = [{k: v for k, v in face.items() if k not in ("frame", "time_s", "track_id")} for face in entry["faces"]]
+        assert video == photo
+
+
+def test_a_tracks_answer_is_the_mean_of_its_frames(analysed):
+    for track in analysed["tracks"]:
+        faces = [f for e in analysed["frames"] for f in e["faces"] if f["track_id"] == track["track_id"]]
+        assert len(faces) == track["frames"]
+        for task in TASKS:
+            labels = list(track[task]["scores"])
+            mean = np.mean([[face[task]["scores"][label] for label in labels] for face in faces], axis=0)
+            assert [track[task]["scores"][label] for label in labels] == pytest.approx(mean.tolist(), abs=1e-9)
+            assert track[task]["label"] == labels[int(mean.argmax())]
+            agreement = np.mean([face[task]["label"] == track[task]["label"] for face in faces])
+            assert track[task]["agreement"] == pytest.approx(agreement)
+
+
+def test_every_and_max_frames_choose_the_frames(pipe, clip):
+    result = pipe(str(clip[0]), detector="haar", every=4, max_frames=3)
+    assert [f["frame"] for f in result["frames"]] == [0, 4, 8]
+    assert [f.index for f in read_frames(clip[0], fps=2.0)] == [0, 4, 8, 12, 16, 20]  # an 8 fps clip
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b"not a video at all" * 100), "cannot be opened as a video"),
+        (lambda p: p.write_bytes(b""), "cannot be opened as a video"),
+        (lambda p: None, "no such file"),
+    ],
+)
+def test_a_bad_clip_is_named(pipe, tmp_path, make, message):
+    path = tmp_path / "clip.mp4"
+    make(path)
+    with pytest.raises(VideoInputError, match=message):
+        pipe(str(path))
+
+
+def test_a_clip_too_long_and_bad_options_are_refused(pipe, clip):
+    with pytest.raises(VideoInputError, match=r"over the 1 s this accepts"):
+        list(read_frames(clip[0], max_seconds=1))
+    with pytest.raises(VideoInputError, match=r"every=0"):
+        pipe(str(clip[0]), every=0)
+    with pytest.raises(VideoInputError, match=r"top_k"):
+        pipe(str(clip[0]), top_k=1)
