@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"}  # softbio_hf.video's (kept light: no cv2 here)
+VIDEO_COLUMNS = ["frame", "time_s", "track_id"]
 FORMATS = (".csv", ".jsonl", ".parquet")
 STATUS_OK, STATUS_NO_FACE = "ok", "no face"
 
@@ -60,7 +62,8 @@ def expand_inputs(inputs: Sequence[str], limit: int | None = None) -> list[Sourc
         elif path.is_dir() and is_saved_dataset(path):
             refs.extend(dataset_refs(path))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
             refs.extend((str(p), str(p)) for p in files)
         elif path.suffix.lower() == ".txt" and path.is_file():
             refs.extend(list_refs(path))
@@ -100,6 +103,44 @@ def dataset_refs(folder: Path) -> list[tuple[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- the work
+def is_video_source(source: Source) -> bool:
+    return isinstance(source.ref, str) and Path(source.ref.split("?")[0]).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def video_rows(pipe, source: Source, options: dict[str, Any], tasks, probabilities: bool) -> list[dict]:
+    """One row per face per analysed frame (with frame, time_s, track_id), then one `kind: track` row per person
+    (written to --tracks): the video's block, written at once like a photo's."""
+    from .video import VideoInputError
+
+    item = {"index": source.index, "key": source.key}
+    try:
+        result = pipe(source.ref, **options)
+    except (VideoInputError, ValueError, OSError) as error:
+        return rows_for({**item, "error": str(error)}, [], tasks, probabilities)
+    faces = [face for frame in result["frames"] for face in frame["faces"]]
+    rows = rows_for(item, faces, tasks, probabilities)
+    if faces:
+        for row, face in zip(rows, faces, strict=True):
+            row.update({key: face[key] for key in VIDEO_COLUMNS})
+    for track in result["tracks"]:
+        row = {"kind": "track", "index": source.index, "source": source.key, "face": -2, "faces": len(faces)}
+        row.update({k: track[k] for k in ("track_id", "first_frame", "last_frame", "first_time_s", "last_time_s")})
+        row["frames"] = track["frames"]
+        for task in tasks:
+            row.update({f"{task}_{key}": track[task][key] for key in ("label", "score", "agreement")})
+        if "years" in track.get("age", {}):
+            row["age_years"] = track["age"]["years"]
+        rows.append(row)
+    return rows
+
+
+def track_columns(tasks: dict[str, list[str]]) -> list[str]:
+    names = ["index", "source", "track_id", "first_frame", "last_frame", "first_time_s", "last_time_s", "frames"]
+    for task in tasks:
+        names += [f"{task}_label", f"{task}_score", f"{task}_agreement"]
+    return [*names, "age_years"] if "age" in tasks else names
+
+
 def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabilities: bool) -> list[dict]:
     """Output rows of one photo: one per face, or one that says why there is none."""
     base = {"index": item["index"], "source": item["key"]}
@@ -164,7 +205,7 @@ def read_output(out: Path) -> list[dict[str, Any]]:
         with out.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         for row in rows:
-            row["index"], row["face"], row["faces"] = int(row["index"]), int(row["face"]), int(row["faces"])
+            row.update({key: int(row[key]) for key in ("index", "face", "faces", "track_id") if row.get(key)})
         return rows
     parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
     return parquet.read_table(out).to_pylist()
@@ -343,10 +384,14 @@ def predict(
     resume: bool = False,
     overwrite: bool = False,
     on_photo=None,
+    tracks: str | Path | None = None,
+    every: int | None = None,
 ) -> dict[str, Any]:
     """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
     out = Path(out)
     check_output(out, resume, overwrite)  # before the heavy imports: a wrong --out is said at once
+    if tracks is not None:
+        check_output(Path(tracks), resume, overwrite)
 
     state = process_state(device)
     # With --overwrite the old table stays until the new one replaces it (write_output renames over it), so a
@@ -370,6 +415,8 @@ def predict(
                 print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
         tasks = pipe.model.config.tasks
         names = columns(tasks, probabilities)
+        if any(is_video_source(source) for source in sources):
+            names += VIDEO_COLUMNS
         parts = parts_folder(out)
         parts.mkdir(parents=True, exist_ok=True)
         if state.is_main_process:  # cut what a crash left half-written, once, before anyone reads or appends
@@ -386,8 +433,9 @@ def predict(
         stats = {"photos": 0, "faces": 0, "no_face": 0, "errors": 0}
         started = time.perf_counter()
         with state.split_between_processes(pending) as mine:
+            videos = [source for source in mine if is_video_source(source)]
             loader = torch.utils.data.DataLoader(
-                FaceStream(pipe, mine, options),
+                FaceStream(pipe, [source for source in mine if not is_video_source(source)], options),
                 batch_size=None,
                 num_workers=num_workers,
                 worker_init_fn=worker_init if num_workers else None,
@@ -415,12 +463,28 @@ def predict(
                 for item in loader:
                     write(batcher.add(item))
                 write(batcher.run())
+                for video in videos:  # frames are decoded here; their faces go through the model in batches
+                    rows = video_rows(pipe, video, {**options, "every": every}, tasks, probabilities)
+                    part.write("".join(json.dumps(row) + "\n" for row in rows))
+                    part.flush()
+                    stats["photos"] += 1
+                    stats["faces"] += sum(row.get("kind") != "track" and row["face"] >= 0 for row in rows)
+                    stats["errors"] += rows[0]["status"].startswith("error")
+                    bar.update(1)
             bar.close()
         state.wait_for_everyone()
         if state.is_main_process:
             rows = read_output(out) if resume and out.exists() else []
+            if resume and tracks is not None and Path(tracks).exists():
+                rows += [{**row, "kind": "track", "face": int(row["track_id"])} for row in read_output(Path(tracks))]
             for path in sorted(parts.glob("part-*.jsonl")):
                 rows += read_part(path)
+            track_rows = [row for row in rows if row.get("kind") == "track"]
+            rows = [row for row in rows if row.get("kind") != "track"]
+            if tracks is not None:
+                write_output(
+                    Path(tracks), [{**row, "face": row["track_id"]} for row in track_rows], track_columns(tasks)
+                )
             write_output(out, rows, names)
             shutil.rmtree(parts, ignore_errors=True)
             stats["rows"] = len(rows)
@@ -459,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
         "softbio_hf.export; CPU only), or auto (OpenVINO on a CPU where its export is there, the fastest measured; "
         "else torch, said once)",
     )
+    parser.add_argument(
+        "--tracks",
+        default=None,
+        metavar="OUT2",
+        help="videos: also write one row per tracked person (first and last frame and time, frames, each task's "
+        "label, mean probability and agreement) to this table (.csv, .jsonl, .parquet)",
+    )
+    parser.add_argument("--every", type=int, default=None, help="videos: analyse one frame in N (default: every)")
     parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -483,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             compile=args.compile,
             backend=args.backend,
+            tracks=args.tracks,
+            every=args.every,
             limit=args.limit,
             probabilities=args.probabilities,
             resume=args.resume,

@@ -99,3 +99,29 @@ def test_a_clip_too_long_and_bad_options_are_refused(pipe, clip):
         pipe(str(clip[0]), every=0)
     with pytest.raises(VideoInputError, match=r"top_k"):
         pipe(str(clip[0]), top_k=1)
+
+
+def test_the_batch_command_writes_a_row_per_face_per_frame_and_a_track_table(pipe, clip, tmp_path):
+    import csv
+
+    from softbio_hf.predict import main as predict
+
+    pipe.model.save_pretrained(tmp_path / "model")
+    photo = str(Path(__file__).resolve().parents[1] / "examples" / "grace_hopper.jpg")
+    out, tracks = tmp_path / "faces.csv", tmp_path / "tracks.csv"
+    argv = [photo, str(clip[0]), "--model", str(tmp_path / "model"), "--detector", "haar", "--num-workers", "0"]
+    assert predict([*argv, "--dtype", "float32", "--out", str(out), "--tracks", str(tracks)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    video = [r for r in rows if r["source"] == str(clip[0])]
+    analysed = pipe(str(clip[0]), detector="haar")
+    expected = [(f["frame"], face["track_id"]) for f in analysed["frames"] for face in f["faces"]]
+    assert [(int(r["frame"]), int(r["track_id"])) for r in video] == expected
+    assert rows[0]["source"] == photo and rows[0]["frame"] == ""  # a photo's row has no frame
+    track_rows = list(csv.DictReader(tracks.open()))
+    assert [(int(r["track_id"]), int(r["first_frame"]), int(r["last_frame"])) for r in track_rows] == [
+        (t["track_id"], t["first_frame"], t["last_frame"]) for t in analysed["tracks"]
+    ]
+    assert all(r["gender_label"] in ("male", "female") and 0 <= float(r["gender_agreement"]) <= 1 for r in track_rows)
+    # resumed after the fact: nothing analysed twice, both tables the same
+    assert predict([*argv, "--dtype", "float32", "--out", str(out), "--tracks", str(tracks), "--resume"]) == 0
+    assert list(csv.DictReader(out.open())) == rows and list(csv.DictReader(tracks.open())) == track_rows
