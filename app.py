@@ -427,7 +427,8 @@ def short_label(face: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def annotate(rgb, faces: list[dict[str, Any]]):
+def annotate(rgb, faces: list[dict[str, Any]], numbers: list[int] | None = None):
+    """Boxes and short labels on the photo; `numbers` names the faces (a video's track ids), else 1, 2, ..."""
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.fromarray(rgb)
@@ -436,14 +437,82 @@ def annotate(rgb, faces: list[dict[str, Any]]):
     font = ImageFont.load_default(size=max(12, round(max(image.size) / 40)))
     for i, face in enumerate(faces):
         box = face["box"]
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        number = numbers[i] if numbers else i + 1
+        colour = BOX_COLOURS[(number - 1) % len(BOX_COLOURS)]
         draw.rectangle([box["xmin"], box["ymin"], box["xmax"], box["ymax"]], outline=colour, width=width)
-        text = f"{i + 1}: {short_label(face)}"
+        text = f"{number}: {short_label(face)}"
         left, top, right, bottom = draw.textbbox((box["xmin"], box["ymin"]), text, font=font)
         y = max(0, box["ymin"] - (bottom - top) - 2 * width)
         draw.rectangle([left, y, right + 2 * width, y + (bottom - top) + 2 * width], fill=colour)
         draw.text((box["xmin"] + width, y), text, fill="white", font=font)
     return image
+
+
+# The Video tab: a clip is analysed at VIDEO_FPS frames a second, at most VIDEO_MAX_FRAMES of them, and refused past
+# VIDEO_MAX_SECONDS (a demo's bounds; python -m softbio_hf.predict takes longer clips).
+VIDEO_FPS, VIDEO_MAX_FRAMES, VIDEO_MAX_SECONDS = 4.0, 120, 60.0
+
+
+def analyze_clip(pipe, path: str, name: str, detector: str = "auto", threshold: float | None = None):
+    """A clip's tracks as HTML (an animated GIF of the analysed frames, each face labelled with its track's steady
+    answer, and the per-track table) and as JSON. Nothing is written to disk: the GIF is inline."""
+    import gradio as gr
+
+    from softbio_hf.video import VideoInputError, read_frames
+
+    limits = {"fps": VIDEO_FPS, "max_frames": VIDEO_MAX_FRAMES, "max_seconds": VIDEO_MAX_SECONDS}
+    try:
+        result = pipe.analyze_video(path, detector=detector, threshold=threshold or None, **limits)
+        frames = [frame.rgb for frame in read_frames(path, **limits)]
+    except (VideoInputError, ValueError) as error:
+        logger.warning("rejected %s: %s", name, error)
+        raise gr.Error(str(error).replace(path, name), print_exception=False) from None
+    except Exception:
+        logger.exception("analysis of %s failed", name)
+        raise gr.Error(
+            "The analysis failed on the server; it was logged. Try another clip.", print_exception=False
+        ) from None
+    tracks = {track["track_id"]: track for track in result["tracks"]}
+    images = []
+    for rgb, entry in zip(frames, result["frames"], strict=True):
+        steady = [
+            {**face, **{t: tracks[face["track_id"]][t] for t in TASK_TITLES if t in face}} for face in entry["faces"]
+        ]
+        image = annotate(rgb, steady, [face["track_id"] for face in steady])
+        image.thumbnail((480, 480))
+        images.append(image.convert("P", palette=1, colors=128))
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / VIDEO_FPS), loop=0
+    )
+    gif = "data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return tracks_html(gif, result["tracks"]), result["tracks"]
+
+
+def tracks_html(gif: str, tracks: list[dict[str, Any]]) -> str:
+    parts = [f'<img class="sb-photo" alt="the clip with each person\'s box and steady label" src="{gif}">']
+    if not tracks:
+        parts.append('<p class="sb-none">No face found in the analysed frames.</p>')
+    else:
+        header = "".join(f"<th>{html.escape(title)} (agreement)</th>" for title in TASK_TITLES.values())
+        rows = []
+        for track in tracks:
+            cells = "".join(
+                f"<td>{html.escape(track[task]['label'])} {100 * track[task]['score']:.0f}% "
+                f"({100 * track[task]['agreement']:.0f}%)</td>"
+                for task in TASK_TITLES
+                if task in track
+            )
+            rows.append(
+                f'<tr class="sb-track"><td>Track {track["track_id"]}</td><td>{track["first_time_s"]:.2f}-'
+                f"{track['last_time_s']:.2f} s</td><td>{track['frames']}</td>{cells}</tr>"
+            )
+        parts.append(
+            f'<table class="sb-tracks"><tr><th>person</th><th>seen</th><th>frames</th>{header}</tr>{"".join(rows)}'
+            "</table><p>Each person's answer is the mean of the probabilities over their frames; agreement is how "
+            "often a single frame said the same.</p>"
+        )
+    return "".join(parts)
 
 
 def image_data_url(image, max_side: int = 1024) -> str:
@@ -521,6 +590,11 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
         return result_html(annotate(rgb, faces), faces), faces
 
+    def analyze_clip_upload(payload, detector, threshold, request: gr.Request):
+        video = payload.get("video") if isinstance(payload, dict) and "video" in payload else payload
+        _, name = read_upload(upload_path(video), requester_of(request), owners)  # the requester's own upload
+        return analyze_clip(pipe, upload_path(video), name, detector, threshold)
+
     def analyze_frame(frame, detector, threshold, request: gr.Request):
         if not frame:
             return ""
@@ -550,6 +624,13 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
                     examples = [str(path) for path in example_files()]
                     if examples:
                         gr.Examples(examples=examples, inputs=photo, label="Public-domain examples")
+                with gr.Tab("Video"):
+                    clip = gr.Video(label="Clip", sources=["upload"], elem_id="clip")
+                    run_clip = gr.Button("Analyze clip", variant="primary", elem_id="analyze-clip")
+                    gr.Markdown(
+                        f"Up to {VIDEO_MAX_SECONDS:.0f} s and {MAX_UPLOAD}; {VIDEO_FPS:g} frames a second are "
+                        f"analysed (at most {VIDEO_MAX_FRAMES}), and each person is followed from frame to frame."
+                    )
                 with gr.Tab("Webcam (live)"):
                     webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Face detector")
@@ -563,6 +644,13 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         with gr.Accordion("How it works, limits and biases", open=False):
             gr.Markdown(ABOUT)
 
+        run_clip.click(
+            analyze_clip_upload,
+            [clip, detector, threshold],
+            [result, as_json],
+            preprocess=False,
+            api_visibility="private",
+        )
         run.click(
             analyze_upload,
             [photo, detector, threshold],

@@ -446,6 +446,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         fps: float | None = None,
         max_frames: int | None = None,
         max_gap: int = 5,
+        max_seconds: float | None = None,
         **options,
     ) -> dict[str, Any]:
         """A video file (path or URL): `{"frames": [{"frame", "time_s", "faces": [... each with "track_id"]}],
@@ -455,7 +456,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
 
         if options.get("top_k") is not None:
             raise VideoInputError("top_k: a track averages every class's probability, so videos report them all.")
-        return analyze_video(self, source, every, fps, max_frames, max_gap, **options)
+        limit = {"max_seconds": max_seconds} if max_seconds is not None else {}
+        return analyze_video(self, source, every, fps, max_frames, max_gap, **limit, **options)
 
     def detector(self, name: str):
         if name not in self._detectors:

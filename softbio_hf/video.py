@@ -188,6 +188,7 @@ def analyze_video(
     fps: float | None = None,
     max_frames: int | None = None,
     max_gap: int = 5,
+    max_seconds: float = MAX_VIDEO_SECONDS,
     **options: Any,
 ) -> dict[str, Any]:
     """
@@ -206,7 +207,7 @@ def analyze_video(
                 face["track_id"] = track_id
             frames.append({"frame": frame.index, "time_s": frame.time_s, "faces": faces})
 
-    for frame in read_frames(source, every, fps, max_frames):
+    for frame in read_frames(source, every, fps, max_frames, max_seconds):
         batch.append(frame)
         if len(batch) == FRAMES_PER_CALL:
             run(batch)

@@ -319,6 +319,52 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             browser.close()
 
 
+def test_browser_analyses_a_clip_in_the_video_tab(app, tmp_path):
+    from clips import make_clip
+    from playwright.sync_api import sync_playwright
+
+    make_clip(tmp_path / "walk.mp4")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=find_chromium(),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app["url"], wait_until="load")
+            page.get_by_role("tab", name="Video").click()
+            page.set_input_files("#clip input[type=file]", str(tmp_path / "walk.mp4"))
+            page.wait_for_timeout(1500)
+            page.click("#analyze-clip")
+            page.wait_for_selector("#sb-result .sb-tracks", timeout=120_000)
+            text = page.inner_text("#sb-result")
+            assert "Track 1" in text and "Track 2" in text and "agreement" in text
+            assert page.get_attribute("#sb-result img", "src").startswith("data:image/gif;base64,")
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app-video.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path):
+    from clips import make_clip
+
+    app_module = import_app()
+    make_clip(tmp_path / "walk.mp4")  # 3 s
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    pipe = app_module.build_pipeline(model)
+    html, tracks = app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
+    assert len(tracks) == 2 and html.count('class="sb-track"') == 2
+    app_module.VIDEO_MAX_SECONDS = 1.0
+    try:
+        with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
+            app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
+    finally:
+        app_module.VIDEO_MAX_SECONDS = 60.0
+
+
 def next_result(page, start) -> str:
     """Call `start` (it sets an analysis going), wait for the result's picture to change, return its text."""
     before = page.get_attribute("#sb-result img", "src")
