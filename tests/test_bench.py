@@ -223,12 +223,18 @@ def test_the_bf16_decision_can_be_forced_to_the_other_kind_of_cpu(monkeypatch, f
     assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if expected else torch.float32)
 
 
-def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows():
-    from bench.speed import markdown, run
+def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows(tmp_path):
+    """In a process of its own, as the runtimes are kept out of the test process (tests/exported_run.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    result = run(
-        tiny=True, images=4, batch_size=2, device="cpu", compile=False, photos=1, backends=("onnx", "openvino")
-    )
+    command = [sys.executable, "-m", "bench.speed", "--tiny", "--device", "cpu", "--images", "4", "--batch-size", "2"]
+    command += ["--photos", "1", "--no-compile", "--backends", "onnx", "openvino", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
     rows = {row["setting"]: row for row in result["rows"]}
     for backend in ("onnx", "openvino"):
         model_row = rows[f"{backend}, fp32, batch 2"]
@@ -236,4 +242,4 @@ def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows(
         assert model_row["baseline"].startswith("naive") and model_row["share_of_limit"] > 0
         assert rows[f"pipeline, {backend}, fp32 (photo of one face, detection included)"]["images_per_s"] > 0
         assert result["export_seconds"][backend] > 0
-    assert "AVX-512" in result["cpu"] and "CPU:" in markdown(result)
+    assert "AVX-512" in result["cpu"] and "CPU:" in done.stdout

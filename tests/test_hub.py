@@ -30,6 +30,9 @@ CODE_FILES = {
     "mtlora.py",
     "pipeline_softbio.py",
     "faces.py",
+    "hub_access.py",
+    "runtimes.py",
+    "video.py",
 }
 
 

@@ -1,0 +1,29 @@
+"""Run the pipeline on an exported backend in a process of its own, printing its answers as JSON.
+
+    python tests/exported_run.py MODEL_DIR BACKEND PHOTO [PHOTO ...]
+
+The test process never loads OpenVINO or ONNX Runtime itself: once they have run in a process, a later fork of it
+(the suite's worker pools and subprocesses) was seen to crash with a segmentation fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from transformers import pipeline
+
+import softbio_hf  # noqa: F401 - registers the task
+
+
+def main() -> None:
+    folder, backend, *photos = sys.argv[1:]
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    pipe = pipeline("soft-biometrics", model=folder, dtype="float32", backend=backend)
+    chosen = pipe.exported.backend if pipe.exported is not None else "torch"
+    print(json.dumps({"backend": chosen, "faces": pipe(photos, detector="haar")}))
+
+
+if __name__ == "__main__":
+    main()
