@@ -185,16 +185,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved):
 
 
 def test_logits_as_a_tuple_for_export(tiny_model):
-    class Exportable(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+    from softbio_hf.export import tuple_outputs
 
-        def forward(self, pixel_values):
-            logits = self.model(pixel_values=pixel_values).logits
-            return tuple(logits[task] for task in self.model.config.tasks)
-
-    program = torch.export.export(Exportable(tiny_model).eval(), (pixels(),))
+    program = torch.export.export(tuple_outputs(tiny_model), (pixels(),))
     outputs = program.module()(pixels())
     expected = tiny_model(pixels()).logits
     for task, value in zip(tiny_model.config.tasks, outputs, strict=True):
