@@ -195,6 +195,7 @@ def analyze_video(
     Every analysed frame's faces (the pipeline's records, with `frame`, `time_s` and `track_id`) and one entry per
     track. `options` are the pipeline's per-call options (detector, threshold, ...).
     """
+    options.setdefault("batch_size", 32)  # faces from all the frames of a call share forward passes
     tracker = IoUTracker(max_gap=max_gap)
     frames: list[dict[str, Any]] = []
     batch: list[Frame] = []

@@ -125,3 +125,12 @@ def test_the_batch_command_writes_a_row_per_face_per_frame_and_a_track_table(pip
     # resumed after the fact: nothing analysed twice, both tables the same
     assert predict([*argv, "--dtype", "float32", "--out", str(out), "--tracks", str(tracks), "--resume"]) == 0
     assert list(csv.DictReader(out.open())) == rows and list(csv.DictReader(tracks.open())) == track_rows
+
+
+def test_faces_of_many_frames_share_forward_passes(pipe, clip, monkeypatch):
+    sizes: list[int] = []
+    classify = pipe.classify
+    monkeypatch.setattr(pipe, "classify", lambda pixels: sizes.append(len(pixels)) or classify(pixels))
+    result = pipe(str(clip[0]), detector="haar")
+    faces = sum(len(frame["faces"]) for frame in result["frames"])
+    assert max(sizes) > 8 and len(sizes) < faces / 4  # batched across frames, not one pass per face
