@@ -102,23 +102,13 @@ def checkpoint_type(config_path: Path | None) -> str | None:
         return None
 
 
-def looks_like_a_folder(name: str) -> bool:
-    """A name that cannot be a Hub repo id (huggingface_hub's rule) is meant as a folder."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return name.startswith((".", "~"))
-
-
 def load_model(name: str | None):
     """A SoftBioModel and a description of it: a softbio checkpoint, or the zero-shot model of a CLIP one."""
     from softbio_hf import SoftBioModel
+    from softbio_hf.hub_access import hub_repo_id
 
     name = name or DEFAULT_CLIP
-    if not Path(name).exists() and looks_like_a_folder(name):
+    if not Path(name).exists() and hub_repo_id(name) is None:  # meant as a folder, and not there
         raise ModelUnavailable(
             f"--model {name}: no such folder. Pass a folder written by save_pretrained or python -m train.train "
             "(its best/ folder), a CLIP folder, or a Hub repo id."
@@ -216,15 +206,13 @@ def read_upload(path: str | None, requester: str, owners: "UploadOwners") -> tup
     uploads instead (delete_cache in build_demo).
     """
     import gradio as gr
-    from gradio.utils import get_upload_folder
 
     if not path:
         raise gr.Error("No image: upload a photo (JPEG, PNG or WebP) first.", print_exception=False)
     file = Path(path)
-    uploads = Path(get_upload_folder()).resolve()
-    if file.is_symlink() or not file.resolve().is_relative_to(uploads):
+    if outside_uploads(file):
         logger.warning("refused a path outside the uploads: %s", path)
-        raise gr.Error("That file is not an upload of this demo: upload the photo itself.", print_exception=False)
+        raise gr.Error(NOT_AN_UPLOAD, print_exception=False)
     if not file.is_file():
         message = f"The upload is gone (uploads are kept about {CACHE_SWEEP[1]} s): upload the photo again."
         raise gr.Error(message, print_exception=False)
@@ -367,8 +355,6 @@ def replay(body: bytes):
 
 def api_payload_refusal(body: bytes) -> str | None:
     """Why an API call's image cannot be analysed (its ownership is checked later, by read_upload), or None."""
-    from gradio.utils import get_upload_folder
-
     try:
         data = json.loads(body).get("data")
     except (ValueError, AttributeError):
@@ -381,9 +367,17 @@ def api_payload_refusal(body: bytes) -> str | None:
             "The image must be a file uploaded to this demo: with gradio_client, "
             "Client(url).predict(handle_file('photo.jpg'), 'auto', 0, api_name='/analyze')."
         )
-    if not Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
-        return "That file is not an upload of this demo: upload the photo itself."
-    return None
+    return NOT_AN_UPLOAD if outside_uploads(Path(path)) else None
+
+
+NOT_AN_UPLOAD = "That file is not an upload of this demo: upload the photo itself."
+
+
+def outside_uploads(file: Path) -> bool:
+    """A path that gradio's upload route did not write (a link, or anywhere else on the server)."""
+    from gradio.utils import get_upload_folder
+
+    return file.is_symlink() or not file.resolve().is_relative_to(Path(get_upload_folder()).resolve())
 
 
 def uploaded_paths(body: bytes) -> list[str]:

@@ -28,6 +28,20 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
+def hub_repo_id(name: str | os.PathLike | None) -> str | None:
+    """`name` if it is a Hub repo id (huggingface_hub's rule) and not a folder or file on this machine, else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = None if name is None else str(name)
+    if not name or os.path.exists(name) or name.startswith((".", "~")):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def cache_only(name_or_path: str | os.PathLike) -> bool:
     """Load `name_or_path` from the local cache only: it names a Hub repo and the Hub does not answer."""
     return not os.path.isdir(name_or_path) and not hub_reachable()

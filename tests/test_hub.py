@@ -288,9 +288,9 @@ def test_train_push_to_hub_calls_the_same_push(tiny_clip_dir, tmp_path, hub_api)
 
 
 def test_the_card_names_a_hub_base_model_never_a_local_path(tmp_path):
-    from train.hub import hub_id_or_none
+    from softbio_hf.hub_access import hub_repo_id
 
-    assert hub_id_or_none("openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
+    assert hub_repo_id("openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
     (tmp_path / "clip").mkdir()
     for local in (str(tmp_path / "clip"), "./clip", "../models/clip", "/abs/missing/clip", None):
-        assert hub_id_or_none(local) is None, local
+        assert hub_repo_id(local) is None, local

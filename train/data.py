@@ -36,6 +36,13 @@ from PIL import Image, ImageEnhance
 IGNORE = -100
 TASKS = ("age", "gender", "emotion")  # the unified schema's label columns (DESIGN.md), canonical order
 SPLITS = ("train", "validation", "test")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool), neither NaN nor infinite: what a setting or a score must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # Age labels in these datasets are model estimates: reported apart, left out of the age average (as the study).
 SYNTHETIC_AGE_DATASETS = {"vggface2"}
 SOURCES = {

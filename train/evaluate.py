@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from train.data import is_finite_number
+
 IGNORE = -100
 ECE_BINS = 15
 SUMMARY_TASKS = ("emotion", "age", "gender")  # the study's Table 4.11 column order
@@ -809,10 +811,6 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 
 RESULT_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "ece")
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compare(paths: Sequence[str], names: Sequence[str] | None, baseline: str | None) -> str:

@@ -191,19 +191,6 @@ def method_line(config) -> str:
     return line
 
 
-def hub_id_or_none(name: str | None) -> str | None:
-    """`name` if it is a Hub repo id (huggingface_hub's rule) and not a folder on this machine, else None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not name or Path(name).exists() or name.startswith((".", "~")):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
 def model_card(
     config,
     repo_id: str,
@@ -215,11 +202,12 @@ def model_card(
     """The card from the config and results.json; a checkpoint without results says it is not evaluated."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from softbio_hf.hub_access import hub_repo_id
     from train.evaluate import calibration_markdown, fairness_table, per_dataset_table, summary_table
 
     adapter_method = (config.adapter or {}).get("method", "zs")
     data = ModelCardData(
-        base_model=hub_id_or_none(config.zero_shot_source),  # Hub metadata wants a repo id, never a local path
+        base_model=hub_repo_id(config.zero_shot_source),  # Hub metadata wants a repo id, never a local path
         library_name="transformers",
         pipeline_tag="image-classification",
         license=LICENSE,

@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
+from train.data import TASKS, is_finite_number
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 METHODS = ("zs", "lp", "ft", "lora", "dora", "loraplus", "mtlora")
-TASK_NAMES = ("age", "gender", "emotion")  # the unified schema's label columns (train.data.TASKS)
 TRAINER_STATE = "trainer_state.json"
 BEST_WEIGHTS = "best_trainable.safetensors"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -122,8 +123,8 @@ RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
     "loss.weighting": ((str,), lambda v: v in ("sum", "uncertainty"), "sum or uncertainty"),
     "loss.task_weights": (
         (dict, type(None)),
-        lambda v: v is None or all(k in TASK_NAMES and is_number(w) and w >= 0 for k, w in v.items()),
-        f"null or a mapping of tasks {TASK_NAMES} to weights >= 0",
+        lambda v: v is None or all(k in TASKS and is_finite_number(w) and w >= 0 for k, w in v.items()),
+        f"null or a mapping of tasks {TASKS} to weights >= 0",
     ),
     "loss.label_smoothing": (FLOAT, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train.max_steps": (INT, lambda v: v > 0, "an integer > 0"),
@@ -144,10 +145,6 @@ RULES: dict[str, tuple[tuple[type, ...], Callable[[Any], bool] | None, str]] = {
     "checkpoint.every": (INT, lambda v: v >= 0, "an integer >= 0 (0: no periodic checkpoints)"),
     "checkpoint.keep": (INT, lambda v: v > 0, "an integer > 0"),
 }
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -940,10 +937,10 @@ def check_training_data(config: dict[str, Any]) -> None:
             raise TrainingError(f"data.train: {error}") from None
         if not len(part):
             raise TrainingError(f"data.train: {folder} has an empty train split; prepare it again or leave it out.")
-        if "image" not in part.column_names or not set(TASK_NAMES) & set(part.column_names):
+        if "image" not in part.column_names or not set(TASKS) & set(part.column_names):
             raise TrainingError(
                 f"data.train: {folder} has columns {part.column_names}; training needs 'image' and at least one of "
-                f"{list(TASK_NAMES)}. Prepare it with python -m train.data prepare."
+                f"{list(TASKS)}. Prepare it with python -m train.data prepare."
             )
 
 
