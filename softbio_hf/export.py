@@ -67,6 +67,10 @@ def export(model, out: str | Path, formats=FORMATS, batch_size: int | None = Non
     outputs = [f"logits_{task}" for task in model.config.tasks]
     versions = {"torch": torch.__version__}
     if "onnx" in formats:
+        try:
+            import onnx
+        except ImportError:
+            raise ExportError('--format onnx needs onnx: pip install "softbio[onnx]".') from None
         (out / "onnx").mkdir(exist_ok=True)
         dynamic = None if batch_size else {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
         with torch.no_grad():
@@ -80,8 +84,6 @@ def export(model, out: str | Path, formats=FORMATS, batch_size: int | None = Non
                 opset_version=OPSET,
                 dynamo=False,
             )
-        import onnx
-
         versions["onnx"] = onnx.__version__
     if "openvino" in formats:
         try:

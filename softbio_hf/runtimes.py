@@ -81,6 +81,9 @@ def exported_folder(name_or_path: str | os.PathLike, backend: str, **hub_kwargs:
         return folder
     from huggingface_hub import hf_hub_download
 
+    from .hub_access import cache_only
+
+    hub_kwargs.setdefault("local_files_only", cache_only(name_or_path))  # one probe, not minutes of retries
     for name in (MANIFEST, *ARTIFACTS[backend]):
         downloaded = Path(hf_hub_download(str(name_or_path), name, **hub_kwargs))
     return downloaded.parents[len(Path(ARTIFACTS[backend][-1]).parts) - 1]
