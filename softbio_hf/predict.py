@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import safe_files
+from .safe_files import atomic_path, atomic_write
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"}  # softbio_hf.video's (kept light: no cv2 here)
 VIDEO_COLUMNS = ["frame", "time_s", "track_id"]
@@ -193,7 +196,7 @@ def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
             rows = rows[: len(rows) - len(block)]
             complete = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
     if repair and len(complete) != len(data):
-        path.write_bytes(complete)
+        safe_files.atomic_write_bytes(path, complete)
     return rows
 
 
@@ -212,23 +215,23 @@ def read_output(out: Path) -> list[dict[str, Any]]:
 
 
 def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
-    """The final table, in input order, written beside and then renamed: a crash never leaves half a file."""
+    """The final table, in input order, written whole (safe_files): a crash never leaves half a file."""
     rows = sorted(rows, key=lambda r: (int(r["index"]), int(r["face"])))
-    partial = out.with_name(out.name + ".writing")
-    if out.suffix == ".csv":
-        with partial.open("w", newline="") as handle:
+    kind = out.suffix.lower()
+    if kind == ".csv":
+        with atomic_write(out, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-    elif out.suffix == ".jsonl":
-        with partial.open("w") as handle:
+    elif kind == ".jsonl":
+        with atomic_write(out, "w") as handle:
             for row in rows:
                 handle.write(json.dumps({k: row.get(k) for k in names}) + "\n")
     else:
         pyarrow = optional_import("pyarrow", "train", "a .parquet table")
         parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
-        parquet.write_table(pyarrow.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
-    os.replace(partial, out)
+        with atomic_path(out) as partial:
+            parquet.write_table(pyarrow.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
 
 
 def check_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -244,38 +247,16 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise PredictError(f"--out {out} exists; continue it with --resume, or replace it with --overwrite.")
 
 
-def lock_exclusively(path: Path):
-    """
-    An open file holding an exclusive lock on `path`, or None when another process holds it. A POSIX record lock:
-    the system drops it when the process dies (a killed run never leaves it stuck), and forked children such as
-    DataLoader workers do not inherit it (a lingering worker cannot keep it).
-    """
-    import fcntl
-
-    handle = path.open("a")
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return None
-    return handle
-
-
 @contextlib.contextmanager
 def holding(out: Path) -> Iterator[None]:
     """The output, held for the run: a second run on the same --out is refused while the first writes it (two runs
     appending to one part file would duplicate rows)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_exclusively(out.with_name(out.name + ".lock"))
-    if lock is None:
-        raise PredictError(
-            f"--out {out} is being written by another run of this command; wait for it to end, or choose another --out."
-        )
+    busy = f"--out {out} is being written by another run of this command; wait for it to end, or choose another --out."
     try:
-        yield
-    finally:
-        Path(lock.name).unlink(missing_ok=True)  # unlinked while still held: no later run can share this one
-        lock.close()
+        with safe_files.holding(out.with_name(out.name + ".lock"), busy):
+            yield
+    except (safe_files.LockBusy, safe_files.LockUnsupported) as error:
+        raise PredictError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -174,7 +174,7 @@ def test_an_offline_push_with_a_token_says_the_hub_is_out_of_reach(tiny_model, t
 def hold(path: Path) -> subprocess.Popen:
     """Another process holding `path`'s lock, as a running command would; killed, it lets go."""
     code = (
-        "import sys, time; from pathlib import Path; from softbio_hf.predict import lock_exclusively\n"
+        "import sys, time; from pathlib import Path; from softbio_hf.safe_files import lock_exclusively\n"
         "held = lock_exclusively(Path(sys.argv[1])); print('held' if held else 'taken', flush=True); time.sleep(60)"
     )
     process = subprocess.Popen(

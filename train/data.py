@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from softbio_hf.safe_files import atomic_write_json, replace_folder, staging_folder
 
 IGNORE = -100
 TASKS = ("age", "gender", "emotion")  # the unified schema's label columns (DESIGN.md), canonical order
@@ -518,7 +519,7 @@ def prepare(
             "seconds": round(seconds, 2),
             "images_per_second": round(len(raw) / seconds, 1) if seconds else None,
         }
-        (staging / "prepare_report.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(staging / "prepare_report.json", report)
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -566,20 +567,9 @@ def check_out(out: Path, root: Path | None, overwrite: bool) -> Path:
         raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite to replace it.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        return staging_folder(out)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot write beside it ({error.strerror}); choose a writable folder.") from None
-
-
-def replace_folder(staging: Path, out: Path) -> None:
-    """Put the finished folder at `out`; an old one is moved aside first and removed only once the new is in."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ balancing

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from softbio_hf.safe_files import atomic_write_bytes
 from train.data import TASKS, is_finite_number
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -640,7 +641,7 @@ class Run:
         self.accelerator.load_state(str(folder))
         if self.main:  # the best weights as they were at that step (none yet: none)
             if (folder / BEST_WEIGHTS).is_file():
-                write_atomically(self.out / BEST_WEIGHTS, (folder / BEST_WEIGHTS).read_bytes())
+                atomic_write_bytes(self.out / BEST_WEIGHTS, (folder / BEST_WEIGHTS).read_bytes())
             else:
                 (self.out / BEST_WEIGHTS).unlink(missing_ok=True)
         self.step = state["step"]
@@ -750,7 +751,7 @@ class Run:
 
         if self.main:
             with disk_full_is_said(self.out / BEST_WEIGHTS):
-                write_atomically(self.out / BEST_WEIGHTS, save(trainable_state(self.core)))
+                atomic_write_bytes(self.out / BEST_WEIGHTS, save(trainable_state(self.core)))
         self.accelerator.wait_for_everyone()
 
     def loop(self, on_step: Callable[[int], None] | None = None) -> None:
@@ -885,11 +886,11 @@ class Interrupted(Exception):
 
 def claim_output_dir(out: Path, resume, overwrite: bool):
     """
-    The run's output folder, held for the whole run (softbio_hf.predict.lock_exclusively: never left stuck by a
+    The run's output folder, held for the whole run (softbio_hf.safe_files.lock_exclusively: never left stuck by a
     killed run). A folder holding another run is refused without --resume or --overwrite;
     --overwrite empties it. Processes other than the first of a launcher share their first process's claim.
     """
-    from softbio_hf.predict import lock_exclusively
+    from softbio_hf.safe_files import LockUnsupported, lock_exclusively
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; give a folder (--set output_dir=...).")
@@ -898,6 +899,8 @@ def claim_output_dir(out: Path, resume, overwrite: bool):
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_exclusively(out / ".lock")
+    except LockUnsupported as error:
+        raise ConfigError(f"output_dir {out}: {error.strerror}.") from None
     except OSError as error:
         raise ConfigError(f"output_dir {out} cannot be written ({error.strerror}); choose a writable folder.") from None
     if lock is None:
@@ -984,14 +987,6 @@ def checkpoint_state(folder: Path) -> dict[str, Any]:
         except Exception as error:  # safetensors raises its own error types for a torn file
             raise ValueError(f"{weights.name} is damaged ({error})") from None
     return state
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """The whole file or the old one: written beside, then renamed over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".writing")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 @contextlib.contextmanager

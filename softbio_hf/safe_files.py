@@ -1,0 +1,223 @@
+"""
+Safe files for every command that writes or locks: the batch command, training, prepare, export, evaluate and
+the Hub staging folder. One lock, one atomic write, one folder swap, so a fix lands in one place.
+
+- `lock_exclusively` / `holding`: a run's claim on an output.
+- `atomic_write` (and `_bytes`, `_text`, `_json`): the whole new file or the old one, also after a power cut.
+- `staging_folder` / `replace_folder` / `folder_written_whole`: a folder written aside and swapped in whole.
+
+Imports only the standard library: the torch-free server and `--help` paths use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class LockBusy(RuntimeError):
+    """Another process holds the lock."""
+
+
+class LockUnsupported(OSError):
+    """The file system cannot lock (ENOLCK/EOPNOTSUPP: NFS without a lock daemon, some FUSE mounts)."""
+
+
+# ------------------------------------------------------------------------------------------------ locks
+def lock_exclusively(path: Path) -> IO[str] | None:
+    """
+    An open file holding an exclusive lock on `path`, or None when another process holds it.
+
+    A POSIX record lock (fcntl.lockf), not flock: the system drops it when the process dies, so a killed run never
+    leaves it stuck, and forked children such as DataLoader workers do not inherit it. With flock a lingering
+    forked worker kept the lock after its parent died (a test saw it), refusing the next run.
+
+    A file system that cannot lock raises LockUnsupported, never "held by another run".
+    """
+    import fcntl
+
+    handle = Path(path).open("a")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            return None
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise LockUnsupported(
+                error.errno,
+                f"the file system of {Path(path).parent} cannot lock files ({error.strerror}); write to a local "
+                "folder (not NFS without a lock daemon)",
+            ) from None
+        raise
+    return handle
+
+
+def release(handle: IO[str] | None, unlink: bool = True) -> None:
+    """End a claim. The file is unlinked while still held, so no later run can share this one's lock."""
+    if handle is None:
+        return
+    if unlink:
+        Path(handle.name).unlink(missing_ok=True)
+    handle.close()
+
+
+@contextlib.contextmanager
+def holding(lock_path: Path, busy_message: str) -> Iterator[None]:
+    """The lock at `lock_path` for the block; LockBusy(busy_message) when another process has it."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_exclusively(lock_path)
+    if handle is None:
+        raise LockBusy(busy_message)
+    try:
+        yield
+    finally:
+        release(handle)
+
+
+# ----------------------------------------------------------------------------------------- atomic writes
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a rename lives in the folder, not in the file)."""
+    with contextlib.suppress(OSError):  # some file systems refuse to open or sync a directory: best effort there
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def sibling(path: Path, tag: str) -> Path:
+    """A hidden temporary name beside `path`, unique to this process."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_args: Any) -> Iterator[IO]:
+    """
+    Write `path` whole or not at all: the block writes a temporary file beside it, which is flushed, fsynced and
+    renamed over `path` when the block ends without an error (then the folder is fsynced). A kill or an error
+    mid-write leaves the old file as it was; the temporary file is removed on an error.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = sibling(path, "writing")
+    try:
+        with partial.open(mode, **open_args) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """For writers that want a file name (pyarrow, safetensors' save_file): the block writes the yielded path,
+    which then replaces `path` as atomic_write does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = sibling(path, "writing").with_suffix(path.suffix)  # some writers look at the suffix
+    try:
+        yield partial
+        descriptor = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+    """Strict JSON (a NaN or inf is an error here, never a file other tools cannot read)."""
+    atomic_write_text(path, json.dumps(value, indent=indent, allow_nan=False) + "\n")
+
+
+# -------------------------------------------------------------------------------------------- folders
+def staging_folder(out: Path) -> Path:
+    """An empty folder beside `out` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder` on disk before it is renamed into place."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                descriptor = os.open(Path(root) / name, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+        fsync_folder(Path(root))
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Put the finished `staging` folder at `out`; an old `out` is moved aside first and removed only once the
+    new one is in place, so a kill at any point leaves one whole folder at `out` or beside it."""
+    fsync_tree(staging)
+    old = None
+    if out.exists():
+        old = sibling(out, "old")
+        out.rename(old)
+    staging.rename(out)
+    fsync_folder(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_written_whole(out: str | os.PathLike) -> Iterator[Path]:
+    """The block fills the yielded staging folder; on success it replaces `out` whole, on an error it is
+    removed and `out` stays as it was."""
+    out = Path(out)
+    staging = staging_folder(out)
+    try:
+        yield staging
+        replace_folder(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = [
+    "LockBusy",
+    "LockUnsupported",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "folder_written_whole",
+    "fsync_folder",
+    "holding",
+    "lock_exclusively",
+    "release",
+    "replace_folder",
+    "staging_folder",
+]
