@@ -43,7 +43,7 @@ def lock_exclusively(path: Path) -> IO[str] | None:
     """
     import fcntl
 
-    handle = Path(path).open("a")
+    handle = Path(path).open("a")  # noqa: SIM115 (the open file is the lock: it outlives this function)
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
