@@ -17,7 +17,8 @@ def report(config_kwargs: dict | None = None) -> list[dict]:
     import torch
 
     from softbio_hf import SoftBioConfig, SoftBioModel
-    from train.train import apply_configured_method, load_config
+    from train.build import apply_configured_method
+    from train.config import load_config
 
     rows = []
     for title, name in ROWS:

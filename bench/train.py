@@ -53,7 +53,8 @@ def one_row(name: str, config_name: str, extra: list[str], args, forward_flops: 
 
     from bench.speed import peak_memory_gb, reset_peak_memory, synchronize
     from softbio_hf import SoftBioConfig, SoftBioModel
-    from train.train import Run, load_config
+    from train.config import load_config
+    from train.loop import Run
 
     with tempfile.TemporaryDirectory() as out:
         settings = [
@@ -122,7 +123,8 @@ def loader_row(args, step_images_per_s: float) -> dict:
     """Images/s of train.train's own loader (prepared rows -> augmented, preprocessed batch) with the workers
     asked for, against the LoRA step: the loader should feed the step at least twice over."""
     from softbio_hf import SoftBioConfig, SoftBioModel
-    from train.train import Run, load_config
+    from train.config import load_config
+    from train.loop import Run
 
     with tempfile.TemporaryDirectory() as out:
         # A narrow model at the real resolution: the collator resizes to the model's input size, and the loader

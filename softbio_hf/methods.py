@@ -21,7 +21,7 @@ try:  # only needed to train LoRA/DoRA/MTLoRA or to load an unmerged adapter che
 except ImportError:
     LoraConfig = inject_adapter_in_model = LoraLayer = None
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type hints only: modeling_softbio imports this module at run time, never the reverse
     from .modeling_softbio import SoftBioModel
 
 # The study's rows (DESIGN.md): zero-shot, linear probe, last-k blocks, and the adapter methods.
@@ -148,8 +148,8 @@ def install_adapter_layers(model: SoftBioModel, adapter: dict) -> None:
         return
     if LoraConfig is None:
         raise ImportError(
-            f"A model with unmerged {adapter['method']!r} adapters needs peft: pip install 'peft>=0.18'. "
-            "Merged checkpoints (merge_adapters) load without it."
+            f"A model with unmerged {adapter['method']!r} adapters needs peft: pip install 'softbio[train]' (or "
+            "pip install 'peft>=0.18'). Merged checkpoints (merge_adapters, or --merge) load without it."
         )
     names = lora_target_names(model.backbone, adapter)
     lora_config = LoraConfig(
@@ -221,12 +221,13 @@ def optimizer_groups(
     loraplus_ratio: float | None = None,
     weight_decay: float = 0.01,
     head_lr: float | None = None,
+    loss_weight_lr: float | None = None,
 ) -> list[dict]:
     """
     Parameter groups for torch.optim, one per kind of trainable parameter: low-rank B matrices (LoRA+:
     `loraplus_ratio` x lr; default from the config for "loraplus", else 1), the other adapter parameters,
-    backbone blocks, pooling + heads (`head_lr`, default lr) and loss weights. Biases, norms, probes and
-    log-variances get no weight decay.
+    backbone blocks, pooling + heads (`head_lr`, default lr) and loss weights (`loss_weight_lr`, default lr).
+    Biases, norms, probes and log-variances get no weight decay.
     """
     adapter = model.config.adapter or {}
     if loraplus_ratio is not None and adapter.get("method") != "loraplus":
@@ -235,7 +236,13 @@ def optimizer_groups(
             "matrices train at the base rate. For LoRA+, apply_method('loraplus', loraplus_ratio=...)."
         )
     ratio = loraplus_ratio or adapter.get("loraplus_ratio") or 1.0
-    rates = {"adapter_B": lr * ratio, "adapter": lr, "backbone": lr, "head": head_lr or lr, "loss_weights": lr}
+    rates = {
+        "adapter_B": lr * ratio,
+        "adapter": lr,
+        "backbone": lr,
+        "head": head_lr or lr,
+        "loss_weights": loss_weight_lr or lr,
+    }
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib
 import json
 import os
 import sys
@@ -292,14 +291,12 @@ def process_state(device: str | None):
 
 def optional_import(module: str, extra: str, needed_for: str):
     """A package of one of softbio's extras, or a PredictError that says how to install it."""
+    from .extras import MissingExtra, require
+
     try:
-        return importlib.import_module(module)
-    except ImportError:
-        package = module.split(".")[0]
-        raise PredictError(
-            f"{needed_for} needs {package}, which is not installed: pip install 'softbio[{extra}]' "
-            f"(or pip install {package})."
-        ) from None
+        return require(module, extra, needed_for)
+    except MissingExtra as error:
+        raise PredictError(str(error)) from None
 
 
 def load_model(spec: str):

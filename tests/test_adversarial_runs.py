@@ -20,10 +20,13 @@ from synthetic import make_synthetic_folder, run_settings
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
+from train import checkpoints, hub, report
 from train import evaluate as evaluate_cli
-from train import hub
 from train import train as train_cli
-from train.data import IGNORE, features, prepare
+from train.config import load_config
+from train.data import features, prepare
+from train.loop import Run
+from train.schema import IGNORE
 
 REPO = Path(__file__).resolve().parents[1]
 GRACE = str(REPO / "examples" / "grace_hopper.jpg")
@@ -87,8 +90,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_ships_nothing(da
     error = capsys.readouterr().err
     assert "the training loss is not finite at step" in error and "ships nothing" in error and "train.lr" in error
     assert not (out / "best").exists() and not (out / "eval").exists()
-    if (out / train_cli.BEST_WEIGHTS).exists():  # what a run keeps is finite, always
-        assert all(torch.isfinite(t).all() for t in load_file(str(out / train_cli.BEST_WEIGHTS)).values())
+    if (out / checkpoints.BEST_WEIGHTS).exists():  # what a run keeps is finite, always
+        assert all(torch.isfinite(t).all() for t in load_file(str(out / checkpoints.BEST_WEIGHTS)).values())
 
 
 def test_evaluation_refuses_non_finite_logits(tiny_model, data, tmp_path, capsys):
@@ -104,7 +107,7 @@ def test_evaluation_refuses_non_finite_logits(tiny_model, data, tmp_path, capsys
 
 
 def test_results_json_is_strict_json_whatever_a_metric_is():
-    text = evaluate_cli.strict_json({"summary": {"overall": float("nan"), "age": float("inf"), "gender": 97.5}})
+    text = report.strict_json({"summary": {"overall": float("nan"), "age": float("inf"), "gender": 97.5}})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
         "summary": {"overall": None, "age": None, "gender": 97.5}
     }
@@ -251,14 +254,14 @@ def test_resume_skips_a_damaged_checkpoint_and_continues_from_the_newest_intact_
         if step == 8:
             raise RuntimeError("killed")
 
-    config = train_cli.load_config("lp", settings(data, tiny_clip_dir, broken, **steps))
+    config = load_config("lp", settings(data, tiny_clip_dir, broken, **steps))
     with pytest.raises(RuntimeError, match="killed"):
         train_cli.run_training(config, on_step=stop_at_8)
     checkpoints = broken / "checkpoints"
     newest = checkpoints / "step-0000008"
     if damage == "trainer_state":
-        text = (newest / train_cli.TRAINER_STATE).read_text()
-        (newest / train_cli.TRAINER_STATE).write_text(text[: len(text) // 2])  # torn mid-write
+        text = (newest / checkpoints.TRAINER_STATE).read_text()
+        (newest / checkpoints.TRAINER_STATE).write_text(text[: len(text) // 2])  # torn mid-write
     elif damage == "weights":
         weights = next(newest.glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:-100])
@@ -282,7 +285,7 @@ def test_the_best_weights_follow_the_checkpoint_that_resume_continues_from(data,
     """Best weights written after the last checkpoint (a later validation), then a kill: --resume continues from the
     checkpoint, so the best weights kept beside the checkpoints must be that checkpoint's again."""
     out = tmp_path / "run"
-    config = train_cli.load_config("lp", settings(data, tiny_clip_dir, out))
+    config = load_config("lp", settings(data, tiny_clip_dir, out))
 
     def stop_at_6(step):
         if step == 6:
@@ -290,18 +293,18 @@ def test_the_best_weights_follow_the_checkpoint_that_resume_continues_from(data,
 
     with pytest.raises(RuntimeError):
         train_cli.run_training(config, on_step=stop_at_6)
-    checkpoint = train_cli.checkpoints_in(out)[-1]
-    kept = (checkpoint / train_cli.BEST_WEIGHTS).read_bytes()
-    later = {name: value + 1 for name, value in load_file(str(out / train_cli.BEST_WEIGHTS)).items()}
-    save_file(later, str(out / train_cli.BEST_WEIGHTS))  # as a validation after the checkpoint would leave them
-    run = train_cli.Run(config, resume=True)
+    checkpoint = checkpoints.checkpoints_in(out)[-1]
+    kept = (checkpoint / checkpoints.BEST_WEIGHTS).read_bytes()
+    later = {name: value + 1 for name, value in load_file(str(out / checkpoints.BEST_WEIGHTS)).items()}
+    save_file(later, str(out / checkpoints.BEST_WEIGHTS))  # as a validation after the checkpoint would leave them
+    run = Run(config, resume=True)
     try:
         run.setup()
         run.prepare_training()
         run.restore(run.resume_from)
     finally:
         run.lock.close()
-    assert run.step == 4 and (out / train_cli.BEST_WEIGHTS).read_bytes() == kept
+    assert run.step == 4 and (out / checkpoints.BEST_WEIGHTS).read_bytes() == kept
 
 
 def test_a_disk_that_fills_up_while_saving_says_so(data, tiny_clip_dir, tmp_path, capsys, monkeypatch):
@@ -315,7 +318,7 @@ def test_a_disk_that_fills_up_while_saving_says_so(data, tiny_clip_dir, tmp_path
     assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 2
     error = capsys.readouterr().err
     assert "disk full at" in error and "--resume" in error and "Traceback" not in error
-    assert not train_cli.checkpoints_in(out)
+    assert not checkpoints.checkpoints_in(out)
 
 
 # ------------------------------------------------------------------------- checks that come first
@@ -346,7 +349,7 @@ def test_train_push_failure_prints_the_command_to_retry(data, tiny_clip_dir, tmp
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     monkeypatch.setattr(hub, "push_model", lambda *a, **k: (_ for _ in ()).throw(hub.HubError("upload refused")))
     out = tmp_path / "run"
-    config = train_cli.load_config("lp", settings(data, tiny_clip_dir, out))
+    config = load_config("lp", settings(data, tiny_clip_dir, out))
     with pytest.raises(
         hub.HubError, match=r"push it again with: python -m train.hub push --model .*best --repo-id me/x"
     ):

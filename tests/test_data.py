@@ -22,19 +22,10 @@ from datasets_fixtures import (
 )
 
 from softbio_hf import SoftBioConfig, image_processor_for
-from train.data import (
-    IGNORE,
-    Balancing,
-    SoftBioCollator,
-    age_to_bin,
-    balanced_sampler,
-    balanced_weights,
-    fairface_from_hub,
-    features,
-    main,
-    prepare,
-    stats,
-)
+from train.data import SoftBioCollator, features, main, prepare, stats
+from train.readers import age_to_bin, fairface_from_hub
+from train.sampling import Balancing, balanced_sampler, balanced_weights
+from train.schema import IGNORE
 
 
 def rows_by_split(splits) -> dict[str, int]:

@@ -11,16 +11,15 @@ from datasets_fixtures import make_fairface, make_rafdb, make_utkface, make_vggf
 
 from softbio_hf import SoftBioModel
 from train.data import prepare
-from train.evaluate import (
-    IGNORE,
+from train.evaluate import load_model, main
+from train.metrics import (
     classification_metrics,
     expected_calibration_error,
     group_accuracy,
-    load_model,
-    main,
     summarize,
     task_metrics,
 )
+from train.schema import IGNORE
 
 
 def one_hot_logits(predicted: list[int], num_classes: int, scale: float = 30.0) -> np.ndarray:

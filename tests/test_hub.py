@@ -269,7 +269,8 @@ def test_space_dry_run_starts_and_answers_analyze(evaluated, tmp_path):
 
 
 def test_train_push_to_hub_calls_the_same_push(tiny_clip_dir, tmp_path, hub_api):
-    from train.train import load_config, run_training
+    from train.config import load_config
+    from train.train import run_training
 
     make_utkface(tmp_path / "raw")
     prepare("utkface", tmp_path / "raw", tmp_path / "utk", image_size=32)

@@ -42,7 +42,7 @@ def test_readme_python_blocks_run_in_order(tiny_clip_dir, tmp_path, monkeypatch)
 def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_counts():
     """docs/STUDY.md says what each run compares with; its quoted settings must be the configs' own."""
     from bench.parameters import report
-    from train.train import load_config
+    from train.config import load_config
 
     study = (REPO / "docs" / "STUDY.md").read_text()
     assert "(docs/STUDY.md)" in (REPO / "README.md").read_text()

@@ -15,8 +15,12 @@ from safetensors.torch import load_file
 from synthetic import make_synthetic_folder
 from synthetic import run_settings as settings
 
+from train.build import build_model
+from train.checkpoints import BEST_WEIGHTS, Interrupted
+from train.config import load_config
 from train.data import prepare
-from train.train import BEST_WEIGHTS, Interrupted, build_model, load_config, main, run_training, training_draw
+from train.sampling import training_draw
+from train.train import main, run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,7 +247,7 @@ def test_each_speed_switch_takes_the_plain_steps_within_bf16_tolerance(switch, t
     from tiny import TINY_VISION
 
     from softbio_hf import SoftBioConfig, SoftBioModel
-    from train.train import Run
+    from train.loop import Run
 
     def three_steps(extra: list[str], out) -> tuple[list[float], dict[str, torch.Tensor]]:
         base_settings = ["train.batch_size=8", "train.device=cpu", "train.mixed_precision=bf16", "train.lr=0.01"]
@@ -273,7 +277,7 @@ def test_each_speed_switch_takes_the_plain_steps_within_bf16_tolerance(switch, t
 def test_a_batch_that_does_not_fit_stops_with_the_settings_that_fit(
     synthetic, tiny_clip_dir, tmp_path, capsys, monkeypatch
 ):
-    from train.train import Run
+    from train.loop import Run
 
     def out_of_memory(self, batches):  # what a too large batch raises on a GPU
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")

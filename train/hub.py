@@ -61,7 +61,8 @@ def load_results(path: Path | None, tasks: Mapping[str, list[str]]) -> dict[str,
     """A results.json of train.evaluate, refused when its tasks or labels are not the model's."""
     if path is None:
         return None
-    from train.evaluate import EvaluationError, read_results
+    from train.errors import EvaluationError
+    from train.report import read_results
 
     try:
         results = read_results(path)
@@ -203,7 +204,7 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from softbio_hf.hub_access import hub_repo_id
-    from train.evaluate import calibration_markdown, fairness_table, per_dataset_table, summary_table
+    from train.report import calibration_markdown, fairness_table, per_dataset_table, summary_table
 
     adapter_method = (config.adapter or {}).get("method", "zs")
     data = ModelCardData(

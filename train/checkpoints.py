@@ -1,0 +1,158 @@
+"""A run's output folder and checkpoints: the claim on output_dir (softbio_hf.safe_files' lock), which
+checkpoints are intact, and the disk-full wording. Writing a checkpoint is the Run's (train.loop), since
+accelerate holds the state."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from train.errors import ConfigError, TrainingError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+BEST_WEIGHTS = "best_trainable.safetensors"
+
+
+class Interrupted(Exception):
+    """The run stopped at a signal after `step`, with its checkpoint in `folder` (None: none was written yet)."""
+
+    def __init__(self, folder: Path | None, step: int, signal_name: str | None = "SIGINT"):
+        super().__init__(f"interrupted at step {step}")
+        self.folder, self.step, self.signal_name = folder, step, signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signal_name == "SIGTERM" else 130  # 128 + the signal's number, as shells report it
+
+
+# What a training run writes in output_dir: --overwrite removes these and nothing else.
+RUN_ENTRIES = (
+    "config.yaml",
+    "checkpoints",
+    "best",
+    "eval",
+    "logs",
+    "summary.json",
+    "training_curves.png",
+    BEST_WEIGHTS,
+    ".lock",
+)
+
+
+def is_run_entry(name: str) -> bool:
+    """One of RUN_ENTRIES, or safe_files' temporary file beside one (`.NAME.writing-PID`)."""
+    return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
+def claim_output_dir(out: Path, resume, overwrite: bool):
+    """
+    The run's output folder, held for the whole run (softbio_hf.safe_files.lock_exclusively: never left stuck by a
+    killed run). A folder holding another run is refused without --resume or --overwrite; --overwrite removes
+    what a run wrote, and refuses a folder holding anything else (it never deletes what is not ours).
+    Processes other than the first of a launcher share their first process's claim.
+    """
+    from softbio_hf.safe_files import LockUnsupported, lock_exclusively, release
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; give a folder (--set output_dir=...).")
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_exclusively(out / ".lock")
+    except LockUnsupported as error:
+        raise ConfigError(f"output_dir {out}: {error.strerror}.") from None
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} cannot be written ({error.strerror}); choose a writable folder.") from None
+    if lock is None:
+        raise ConfigError(
+            f"output_dir {out} is in use by another training run; wait for it to end, or choose another output_dir."
+        )
+    held = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if held and not resume:
+        foreign = [name for name in held if not is_run_entry(name)]
+        if foreign:
+            release(lock)  # a refused claim leaves the folder as it was
+            raise ConfigError(
+                f"output_dir {out} holds files that no training run wrote ({', '.join(foreign[:5])}); nothing was "
+                "deleted. Choose a new or empty folder with --set output_dir=..."
+            )
+        if not overwrite:
+            release(lock)  # a refused claim leaves the folder as it was
+            raise ConfigError(
+                f"output_dir {out} already holds a run ({', '.join(held[:5])}). Continue it with --resume, replace "
+                "it with --overwrite, or choose another folder with --set output_dir=..."
+            )
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return lock
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.partial` folder is a save that did not finish)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if not p.name.endswith(".partial") and (p / TRAINER_STATE).is_file())
+
+
+def checkpoint_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, once its files have been checked: a ValueError says what is broken."""
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"its {TRAINER_STATE} cannot be read ({error})") from None
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            check_torch_archive(path)
+    return state
+
+
+def check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as opened:
+            for name in opened.keys():  # noqa: SIM118 (safe_open is not iterable): every tensor must be there
+                opened.get_slice(name)
+    except Exception as error:  # safetensors raises its own error types for a torn file
+        raise ValueError(f"{path.name} is damaged ({error})") from None
+
+
+def check_torch_archive(path: Path) -> None:
+    """accelerate writes the optimizer and RNG states with torch.save, a zip archive: its CRCs tell a torn file
+    without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"{path.name} is damaged ({error})") from None
+    if broken is not None:
+        raise ValueError(f"{path.name} is damaged (its entry {broken} fails its checksum)")
+
+
+DISK_FULL_SIGNS = ("No space left", "StorageFull", "inline_container", "os error 28")
+
+
+@contextlib.contextmanager
+def disk_full_is_said(path: Path):
+    """A save that runs out of space is said so, whoever wrote: Python (ENOSPC), torch's serializer ('enforce fail
+    at inline_container') or safetensors (its Rust IoError, 'StorageFull')."""
+    try:
+        yield
+    except Exception as error:
+        text = str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or any(sign in text for sign in DISK_FULL_SIGNS):
+            raise TrainingError(f"disk full at {path}: free some space and continue with --resume.") from None
+        raise
