@@ -23,6 +23,10 @@ class ImageInputError(ValueError):
     """An input that is not a usable image; the message names the input."""
 
 
+class ImageTooLarge(ImageInputError):
+    """An image over the pixel cap (the server answers 413 for it)."""
+
+
 def describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
@@ -89,7 +93,7 @@ def _open(source: Any, timeout: float, name: str) -> Image.Image:
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageInputError(
+        raise ImageTooLarge(
             f"{name} is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel cap that guards "
             "against decompression bombs; downscale it first, or raise the cap for this call: "
             "pipe(image, max_pixels=N)."
