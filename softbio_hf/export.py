@@ -65,7 +65,7 @@ def export(
     digest = weights_digest(source) if source is not None else None
     busy = f"another export is writing {out} now; wait for it to finish (two at once would mix two models)."
     try:
-        with holding(out.parent / f".{out.name}.export.lock", busy):
+        with holding(export_lock(out), busy):
             staging = staging_folder(out)
             staging.chmod(0o755)  # mkdtemp's 0700 would become the export folder's mode
             try:
@@ -80,6 +80,11 @@ def export(
     except LockBusy as error:
         raise ExportError(str(error)) from None
     return manifest
+
+
+def export_lock(out: Path) -> Path:
+    """The lock an export of `out` holds: beside the folder, since a folder of its own is replaced whole."""
+    return out.parent / f".{out.name}.export.lock"
 
 
 def check_exportable(model, formats, batch_size: int | None) -> None:

@@ -16,7 +16,6 @@ option), 429 with Retry-After (the queue is full). One model per process, one fo
 processes behind a proxy for more cores.
 """
 
-
 import argparse
 import asyncio
 import hmac
