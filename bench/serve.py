@@ -142,9 +142,12 @@ def matmul_limit(flops_per_image: float) -> tuple[float, str]:
     import torch
 
     from bench.speed import matmul_peak
+    from softbio_hf.pipeline_softbio import fast_bf16_available
 
     cpu = torch.device("cpu")
-    peaks = {"torch float32": matmul_peak(torch.float32, cpu), "torch bfloat16": matmul_peak(torch.bfloat16, cpu)}
+    peaks = {"torch float32": matmul_peak(torch.float32, cpu)}
+    if fast_bf16_available(cpu):  # emulated bf16 is far slower than fp32: no candidate for the fastest kernel
+        peaks["torch bfloat16"] = matmul_peak(torch.bfloat16, cpu)
     peaks["onnxruntime fp32"] = onnxruntime_matmul_peak()
     best = max(peaks, key=peaks.get)
     return peaks[best] / flops_per_image, f"{best} at {peaks[best] / 1e9:.0f} GFLOP/s"
