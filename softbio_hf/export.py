@@ -3,11 +3,14 @@
     python -m softbio_hf.export --model runs/lora/best --out runs/lora/best        # both formats, beside it
     python -m softbio_hf.export --model clip:openai/clip-vit-large-patch14-336 --format onnx --out softbio-zs
 
-The artifacts (onnx/model.onnx, openvino/openvino_model.xml + .bin) go into --out with the checkpoint's
-config.json, the image processor and manifest.json (input size, task order, dtype, opset, versions). The input
-is `pixel_values`, float32 [batch, 3, S, S] normalised as the image processor does, with a dynamic batch axis
-(or a fixed one, --batch-size N); the outputs are `logits_<task>` in the config's task order. Then
-`pipeline("soft-biometrics", model=OUT, backend="onnx")`, or `--backend` of the batch command.
+The artifacts (onnx/model.onnx, openvino/openvino_model.xml + .bin) go into --out with manifest.json: everything
+the answer depends on (tasks, labels, age years, calibration record, image size and normalisation, detector
+defaults, batch, opset, versions) and the sha256 of each artifact and of the weights they came from, checked at
+load. In a folder of its own the config and image processor go too, and the folder serves alone (python -m
+softbio_hf.serve). The input is `pixel_values`, float32 [batch, 3, S, S] normalised as the image processor does,
+with a dynamic batch axis (or a fixed one, --batch-size N); the outputs are `logits_<task>` in the config's task
+order. The export is written aside and put in place under a lock (softbio_hf.safe_files). Then
+`pipeline("soft-biometrics", model=OUT, backend="onnx")`, `--backend` of the batch command, or the server.
 """
 
 from __future__ import annotations
