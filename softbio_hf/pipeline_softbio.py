@@ -348,7 +348,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         for output in model_outputs:
             if output["face"] is None:
                 continue
-            probs = {task: output[f"probs_{task}"].float().numpy() for task in config.tasks}
+            probs = {task: output[f"probs_{task}"].float().cpu().numpy() for task in config.tasks}
             records.append(face_result(output["face"], probs, config.tasks, config.age_years, top_k))
         return records  # largest first: detect_faces sorted them and the chunks keep their order
 
