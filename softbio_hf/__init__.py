@@ -72,5 +72,11 @@ def register() -> None:
 # `python -m softbio_hf.predict` imports this package while Python still locates the command (sys.argv[0] is
 # "-m" until then). The command registers when it loads a model, so its --help and argument errors answer
 # without the seconds that torch and transformers' pipelines take to import.
+# The torch-free install (requirements-serve.txt) has neither torch nor transformers: its runtime and server need no
+# registration, so `import softbio_hf.runtime_light` works there.
 if sys.argv[:1] != ["-m"]:
-    register()
+    try:
+        register()
+    except ImportError as error:
+        if error.name not in ("torch", "transformers"):
+            raise

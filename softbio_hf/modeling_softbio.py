@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from .configuration_softbio import SoftBioConfig
 from .hub_access import cache_only
 from .methods import ADAPTER_MARKERS
 from .mtlora import MTLoRALinear, TaskParameters, task_stream_tokens
+from .runtimes import age_bin_bounds
 
 logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
@@ -40,7 +38,14 @@ _PARTS = (
 SUPPORTED_BACKBONES = ("clip_vision_model",)
 # Keywords transformers passes through a model's forward to its attention layers (besides the output flags).
 _BACKBONE_KEYWORDS = frozenset(TransformersKwargs.__annotations__) - {"output_attentions", "output_hidden_states"}
-PIPELINE_FILES = ("pipeline_softbio.py", "faces.py", "runtimes.py", "video.py")
+PIPELINE_FILES = (
+    "pipeline_softbio.py",
+    "faces.py",
+    "runtimes.py",
+    "video.py",
+    "images.py",
+    "runtime_light.py",
+)
 
 
 @dataclass
@@ -132,19 +137,6 @@ def init_adapter_parameters(module: nn.Module) -> None:
         module.reset_parameters()
     elif isinstance(module, MTLoRALinear):
         module.reset_shared()
-
-
-@functools.cache
-def age_bin_bounds(labels: tuple[str, ...]) -> tuple[list[float], list[float]] | None:
-    """Inclusive year range of each age label ("20-29" -> 20..29, "70+" -> 70..inf); None if one does not parse."""
-    lows, highs = [], []
-    for label in labels:
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)|\+)\s*", str(label))
-        if match is None:
-            return None
-        lows.append(float(match[1]))
-        highs.append(float(match[2]) if match[2] else math.inf)
-    return lows, highs
 
 
 def expected_age_years(age_probs: torch.Tensor, age_years, labels=None) -> torch.Tensor:

@@ -2,207 +2,42 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers.pipelines.base import ChunkPipeline
 
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
-from .modeling_softbio import expected_age_years, image_processor_for, refuse_untrained_heads
+from .images import (
+    DEFAULT_TIMEOUT_S,
+    MAX_IMAGE_PIXELS,
+    ImageInputError,
+    check_image,
+    describe,
+    load_image,
+)
+from .modeling_softbio import image_processor_for, refuse_untrained_heads
+from .runtime_light import (  # noqa: F401 - CALL_OPTIONS and check_options are this module's public names too
+    CALL_OPTIONS,
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_THRESHOLDS,
+    check_options,
+    face_array,
+    face_result,
+    int_box,
+    normalize_array,
+    softmax,
+    unknown_options_message,
+)
 
 logger = logging.getLogger(__name__)
-# A decoded image is at most this many pixels (decompression-bomb guard), e.g. 8000 x 8000.
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_DOWNLOAD_BYTES = 25 * 1024 * 1024
-DEFAULT_TIMEOUT_S = 10.0
-# Haar scores are neighbours / (neighbours + 5); 0.7 (12+ neighbours) drops most of its false positives.
-DEFAULT_THRESHOLDS = {"yunet": 0.6, "haar": 0.7, "none": 0.0}
-
-
-class ImageInputError(ValueError):
-    """An input that is not a usable image; the message names the input."""
-
-
-def describe(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        text = str(source)
-        return repr(text if len(text) <= 200 else f"{text[:120]}...{text[-60:]}")  # an error stays readable
-    if isinstance(source, (bytes, bytearray)):
-        return f"bytes ({len(source)} bytes)"
-    if isinstance(source, np.ndarray):
-        return f"array of shape {list(source.shape)} and dtype {source.dtype}"
-    if isinstance(source, Image.Image):
-        return f"PIL image ({source.mode}, {source.width}x{source.height})"
-    return f"object of type {type(source).__name__}"
-
-
-def _download(url: str, timeout: float, name: str) -> bytes:
-    """The URL's bytes within `timeout` seconds in all (a socket timeout alone bounds each read, not the whole)."""
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "softbio"})
-    chunks, size = [], 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        while chunk := response.read1(64 * 1024):  # whatever has arrived: the deadline is checked between
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_DOWNLOAD_BYTES:
-                raise ImageInputError(
-                    f"{name} is larger than {MAX_DOWNLOAD_BYTES:,} bytes; download and downscale it first."
-                )
-            if time.monotonic() > deadline:
-                raise ImageInputError(f"Could not download {name} within {timeout:g}s; pass a larger timeout.")
-    return b"".join(chunks)
-
-
-def _open(source: Any, timeout: float, name: str) -> Image.Image:
-    """An unloaded PIL image (header read only) for any supported input kind."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (bytes, bytearray)):
-        return Image.open(io.BytesIO(bytes(source)))
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        try:
-            return Image.open(io.BytesIO(_download(source, timeout, name)))
-        except OSError as error:
-            if isinstance(error, UnidentifiedImageError):
-                raise
-            reason = getattr(error, "reason", error)  # urllib wraps the socket's error
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                raise ImageInputError(
-                    f"Could not download {name} within {timeout:g}s; pass a larger timeout."
-                ) from error
-            raise ImageInputError(f"Could not download {name}: {reason}.") from error
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            is_file = path.is_file()
-        except OSError as error:  # e.g. a name too long for the file system
-            raise ImageInputError(f"{name} is not a usable path on this system ({error.strerror}).") from error
-        if not is_file:
-            raise ImageInputError(f"{name}: no such image file; check the path.")
-        return Image.open(path)
-    raise ImageInputError(
-        f"{name} is not a supported input. Pass a file path, an http(s) URL, a PIL image, "
-        "a numpy array (H x W x 3 RGB) or the image's bytes."
-    )
-
-
-def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise ImageInputError(
-            f"{name} is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel cap that guards "
-            "against decompression bombs; downscale it first, or raise the cap for this call: "
-            "pipe(image, max_pixels=N)."
-        )
-
-
-def _check_array(array: np.ndarray, name: str, max_pixels: int) -> None:
-    shape = array.shape
-    channels_ok = array.ndim == 2 or (array.ndim == 3 and shape[2] in (1, 3, 4))
-    if not channels_ok or min(shape[:2], default=0) < 1:
-        raise ImageInputError(f"{name} is not an image: expected H x W, H x W x 3 (RGB) or H x W x 4 (RGBA).")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise ImageInputError(f"{name} is not an image: its values are {array.dtype}, not numbers.")
-    _check_pixels(shape[1], shape[0], name, max_pixels)
-
-
-def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
-        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
-        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
-        array = np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
-    elif array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.shape[2] == 4:
-        return np.asarray(_flatten_alpha(Image.fromarray(array, "RGBA")))
-    return np.ascontiguousarray(array)
-
-
-def _flatten_alpha(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white, as a viewer shows them, not the black of a plain convert()."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        array = np.asarray(image).astype(np.float32)
-        if image.mode != "F" and array.max() > 255:  # 16-bit data
-            array = array / 257.0
-        return _array_to_rgb(np.clip(array, 0, 255).round().astype(np.uint8), "image")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        return np.asarray(_flatten_alpha(image))
-    return np.asarray(image.convert("RGB"))
-
-
-def load_image(
-    source: Any, *, timeout: float = DEFAULT_TIMEOUT_S, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
-) -> np.ndarray:
-    """
-    Any supported input -> an RGB uint8 array, EXIF orientation applied. Errors are `ImageInputError`s
-    (a ValueError) that name the input and say what would fix it.
-    """
-    name = name or describe(source)
-    if isinstance(source, np.ndarray):
-        _check_array(source, name, max_pixels)
-        return _array_to_rgb(source, name)
-    with _image_errors(name):
-        image = _open(source, timeout, name)
-        _check_pixels(image.width, image.height, name, max_pixels)  # before decoding a single pixel
-        image = ImageOps.exif_transpose(image)  # decodes
-        return _pil_to_rgb(image)
-
-
-def check_image(source: Any, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> None:
-    """
-    What `load_image` checks that costs no decoding: the kind of input, that a file exists, its header and its
-    size. URLs are checked when they are fetched. Raises the same `ImageInputError`s.
-    """
-    name = name or describe(source)
-    if isinstance(source, np.ndarray):
-        _check_array(source, name, max_pixels)
-        return
-    if isinstance(source, Image.Image):  # the caller's image: checked, never closed
-        _check_pixels(source.width, source.height, name, max_pixels)
-        return
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        return
-    with _image_errors(name), _open(source, 0, name) as image:  # reads the header only
-        _check_pixels(image.width, image.height, name, max_pixels)
-
-
-@contextlib.contextmanager
-def _image_errors(name: str):
-    """PIL's and the OS's errors for an input, as ImageInputErrors that name it and say what to do."""
-    try:
-        yield
-    except ImageInputError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageInputError(f"{name} is too large to decode safely ({error}); downscale it first.") from error
-    except UnidentifiedImageError as error:
-        raise ImageInputError(f"{name} is not an image: expected a JPEG, PNG, WebP, BMP, GIF or TIFF file.") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageInputError(
-            f"{name} could not be decoded ({error}); the file may be truncated or corrupt."
-        ) from error
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -350,11 +185,11 @@ class SoftBiometricsPipeline(ChunkPipeline):
     def classify(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per task for a batch of face crops, uint8 from `face_pixels` (normalised here, on the model's
         device) or already normalised: the model's, its compiled graph's, or its export's."""
-        if self.exported is not None:
-            if pixel_values.dtype == torch.uint8:
-                pixel_values = normalize_pixels(pixel_values, self.model.config)
-            logits = self.exported(pixel_values.float().numpy())
-            return {task: torch.from_numpy(value) for task, value in logits.items()}
+        if self.exported is not None:  # the torch-free runtime's normalisation, as the server does it
+            pixels = pixel_values.numpy()
+            if pixels.dtype == np.uint8:
+                pixels = normalize_array(pixels, self.model.config.image_mean, self.model.config.image_std)
+            return {task: torch.from_numpy(value) for task, value in self.exported(pixels).items()}
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize_pixels(pixel_values.to(self.model.device), self.model.config)
         pixel_values = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
@@ -469,9 +304,9 @@ class SoftBiometricsPipeline(ChunkPipeline):
         image: np.ndarray,
         detector: str = "auto",
         threshold: float | None = None,
-        margin: float = 0.25,
+        margin: float = DEFAULT_MARGIN,
         max_faces: int | None = None,
-        min_face_size: int = 20,
+        min_face_size: int = DEFAULT_MIN_FACE_SIZE,
         detection_max_side: int = DETECTION_MAX_SIDE,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_pixels: int = MAX_IMAGE_PIXELS,
@@ -496,12 +331,15 @@ class SoftBiometricsPipeline(ChunkPipeline):
             return
         for i, face in enumerate(faces):
             pixel_values = face_pixels(crop_face(rgb, face, margin), size)
-            record = {"box": _int_box(face.box, width, height), "detection_score": round(face.score, 4)}
+            record = {"box": int_box(face.box, width, height), "detection_score": round(face.score, 4)}
             yield {"pixel_values": pixel_values, "face": record, "is_last": i == len(faces) - 1}
 
     def _forward(self, model_inputs):
         logits = self.classify(model_inputs["pixel_values"])
-        outputs = {f"probs_{task}": value.float().softmax(dim=-1) for task, value in logits.items()}
+        if self.exported is not None:  # the torch-free runtime's softmax, as the server does it
+            outputs = {f"probs_{task}": torch.from_numpy(softmax(value.numpy())) for task, value in logits.items()}
+        else:
+            outputs = {f"probs_{task}": value.float().softmax(dim=-1) for task, value in logits.items()}
         return {**outputs, "face": model_inputs["face"], "is_last": model_inputs["is_last"]}
 
     def postprocess(self, model_outputs, top_k: int | None = None):
@@ -510,14 +348,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         for output in model_outputs:
             if output["face"] is None:
                 continue
-            record = dict(output["face"])
-            for task, labels in config.tasks.items():
-                probs = output[f"probs_{task}"].reshape(-1)
-                record[task] = _task_result(labels, probs.tolist(), top_k)
-                if task == "age" and config.age_years:
-                    years = expected_age_years(probs, config.age_years, labels)
-                    record[task]["years"] = round(float(years), 1)
-            records.append(record)
+            probs = {task: output[f"probs_{task}"].float().cpu().numpy() for task in config.tasks}
+            records.append(face_result(output["face"], probs, config.tasks, config.age_years, top_k))
         return records  # largest first: detect_faces sorted them and the chunks keep their order
 
 
@@ -528,10 +360,7 @@ def face_pixels(crop: np.ndarray, size: int) -> torch.Tensor:
     for a whole batch on the model's device. A quarter of the bytes pass between workers and the model, and a
     crop costs a resize alone. Equal to the image processor's pixels (tested).
     """
-    image = Image.fromarray(crop)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+    return torch.from_numpy(face_array(crop, size))
 
 
 def normalize_pixels(pixel_values: torch.Tensor, config) -> torch.Tensor:
@@ -540,65 +369,3 @@ def normalize_pixels(pixel_values: torch.Tensor, config) -> torch.Tensor:
     mean = torch.tensor(config.image_mean, device=pixel_values.device).view(1, -1, 1, 1)
     std = torch.tensor(config.image_std, device=pixel_values.device).view(1, -1, 1, 1)
     return pixel_values.float().mul_(1 / (255 * std)).sub_(mean / std)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
-
-
-def check_options(threshold, margin, max_faces, min_face_size, detection_max_side, top_k, timeout) -> None:
-    """Call options are checked before any work: a wrong one is named with what it takes."""
-    rules = (
-        ("threshold", threshold, lambda v: _is_number(v) and 0 <= v <= 1, "a number between 0 and 1"),
-        ("margin", margin, lambda v: _is_number(v) and 0 <= v <= 2, "a fraction of the face size between 0 and 2"),
-        ("max_faces", max_faces, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1 (or None for all)"),
-        ("min_face_size", min_face_size, lambda v: _is_number(v) and v >= 1, "a size in pixels >= 1"),
-        ("detection_max_side", detection_max_side, lambda v: isinstance(v, int) and v >= 32, "pixels, >= 32"),
-        ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
-        ("timeout", timeout, lambda v: _is_number(v) and v > 0, "seconds, > 0"),
-    )
-    for option, value, valid, allowed in rules:
-        if value is not None and not valid(value):
-            raise ValueError(f"{option}={value!r}: use {allowed}.")
-
-
-CALL_OPTIONS = (
-    "detector",
-    "threshold",
-    "margin",
-    "max_faces",
-    "min_face_size",
-    "detection_max_side",
-    "top_k",
-    "timeout",
-    "batch_size",
-    "num_workers",
-)
-
-
-def unknown_options_message(options: dict) -> str:
-    """A misspelt option must not be ignored: name it and the closest valid one."""
-    import difflib
-
-    hints = []
-    for name in sorted(options):
-        close = difflib.get_close_matches(name, CALL_OPTIONS, n=1, cutoff=0.6)
-        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"Unknown soft-biometrics option(s): {', '.join(hints)}. Valid options: {', '.join(CALL_OPTIONS)}."
-
-
-def _task_result(labels: list[str], probs: list[float], top_k: int | None) -> dict[str, Any]:
-    ranked = sorted(zip(labels, probs, strict=True), key=lambda pair: pair[1], reverse=True)
-    if top_k is not None:
-        ranked = ranked[: max(1, top_k)]
-    return {"label": ranked[0][0], "score": round(ranked[0][1], 4), "scores": {k: round(v, 4) for k, v in ranked}}
-
-
-def _int_box(box, width: int, height: int) -> dict[str, int]:
-    xmin, ymin, xmax, ymax = box
-    return {
-        "xmin": max(0, int(np.floor(xmin))),
-        "ymin": max(0, int(np.floor(ymin))),
-        "xmax": min(width, int(np.ceil(xmax))),
-        "ymax": min(height, int(np.ceil(ymax))),
-    }

@@ -1,18 +1,27 @@
-"""Run an exported softbio model (ONNX or OpenVINO) on face crops: the pipeline's `backend="onnx"|"openvino"`.
+"""Run an exported softbio model (ONNX or OpenVINO) on face crops: the pipeline's `backend="onnx"|"openvino"` and
+the torch-free runtime's forward pass.
 
-An export (python -m softbio_hf.export) writes, beside a checkpoint's config.json:
+An export (python -m softbio_hf.export) writes, beside a checkpoint's config.json or into a folder of its own:
 
-    manifest.json            what was exported: input size, task order, dtype, versions
+    manifest.json            what was exported and what the answer needs: tasks, labels, age years, image size and
+                             normalisation, detector defaults, batch, versions, and the sha256 of every artifact and
+                             of the weights it came from
     onnx/model.onnx          input `pixel_values` float32 [batch, 3, S, S]; outputs `logits_<task>`, task order
     openvino/openvino_model.xml + .bin
 
-Neither runtime needs torch: numpy in, numpy out. This file travels with a checkpoint's remote code.
+An export is verified before it runs: a changed artifact, or weights beside it that are not the ones it came from,
+are refused with the command that makes a fresh one. Neither runtime needs torch: numpy in, numpy out. This file
+imports numpy and the standard library alone (it travels with a checkpoint's remote code).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +31,110 @@ BACKENDS = ("torch", "onnx", "openvino")
 MANIFEST = "manifest.json"
 ARTIFACTS = {"onnx": ("onnx/model.onnx",), "openvino": ("openvino/openvino_model.xml", "openvino/openvino_model.bin")}
 EXTRAS = {"onnx": "onnxruntime", "openvino": "openvino"}
+# Checkpoint weights beside an export: the manifest's digest must be theirs.
+WEIGHT_PATTERNS = ("*.safetensors",)
+MANIFEST_KEYS = ("formats", "tasks", "labels", "image_size", "image_mean", "image_std", "batch", "digests")
+
+
+class ExportInvalid(ValueError):
+    """An export that must not serve (changed, stale, broken or incomplete); the message names the fix."""
+
+
+def reexport_hint(folder: Path, backend: str | None = None) -> str:
+    formats = f" --format {backend}" if backend else ""
+    return f"python -m softbio_hf.export --model CHECKPOINT{formats} --out {folder}"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB pieces (the ViT-L export is 1.2 GB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while piece := handle.read(4 * 1024 * 1024):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def weights_digest(folder: Path) -> str | None:
+    """One sha256 over a checkpoint folder's weight files (names and contents, sorted), None when it has none."""
+    files = sorted(path for pattern in WEIGHT_PATTERNS for path in Path(folder).glob(pattern))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, checked for what the runtimes read; a broken or old one is named with the fix."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportInvalid(f"{path} cannot be read ({error}); export again: {reexport_hint(Path(folder))}") from None
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise ExportInvalid(
+            f"{path} lacks {missing} (an older softbio wrote it, or it was edited); export again: "
+            f"{reexport_hint(Path(folder))}"
+        )
+    return manifest
+
+
+def verify_export(folder: Path, backend: str, manifest: dict[str, Any]) -> None:
+    """Refuse an export whose `backend` artifacts or neighbouring weights are not the ones its manifest names."""
+    folder = Path(folder)
+    if backend not in manifest["formats"]:
+        raise FileNotFoundError(
+            f"{folder} has no {backend} export (it holds {manifest['formats']}). Make one with: "
+            f"{reexport_hint(folder, backend)}"
+        )
+    for name in ARTIFACTS[backend]:
+        expected = manifest["digests"].get(name)
+        if not (folder / name).is_file() or expected != file_digest(folder / name):
+            raise ExportInvalid(
+                f"{folder / name} is not the file its manifest names (changed, truncated or replaced since the "
+                f"export): it will not be served. Export again: {reexport_hint(folder, backend)}"
+            )
+    beside = weights_digest(folder)
+    if beside is not None and beside != manifest.get("weights_digest"):
+        raise ExportInvalid(
+            f"The weights in {folder} are not the ones its {backend} export was made from (saved again since?): "
+            f"the export would answer for the old model. Export again: python -m softbio_hf.export --model {folder} "
+            f"--out {folder}"
+        )
 
 
 class ExportedModel:
     """
     An exported model's logits per task for a float32 batch [N, 3, S, S], normalised as the model expects.
     `exact=True` keeps OpenVINO in fp32 (it otherwise computes in bf16 on CPUs that have it, as torch's
-    dtype="auto" does); ONNX Runtime's CPU provider computes in fp32 either way.
+    dtype="auto" does); ONNX Runtime's CPU provider computes in fp32 either way. An export with a fixed batch
+    size gets batches of exactly that size (the last one padded).
     """
 
-    def __init__(self, backend: str, folder: Path, exact: bool = True):
+    def __init__(self, backend: str, folder: Path, exact: bool = True, threads: int | None = None):
         self.backend = backend
-        self.manifest = json.loads((folder / MANIFEST).read_text())
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        verify_export(self.folder, backend, self.manifest)
         self.tasks: list[str] = list(self.manifest["tasks"])
-        path = folder / ARTIFACTS[backend][0]
-        if backend == "onnx":
+        batch = self.manifest["batch"]
+        self.fixed_batch: int | None = batch if isinstance(batch, int) else None
+        path = self.folder / ARTIFACTS[backend][0]
+        try:
+            self._load(path, exact, threads or os.cpu_count() or 1)
+        except Exception as error:  # the runtimes raise their own kinds for a file they cannot read
+            raise ExportInvalid(
+                f"{backend} could not load {path} ({type(error).__name__}: {str(error)[:300]}); export again: "
+                f"{reexport_hint(self.folder, backend)}"
+            ) from None
+
+    def _load(self, path: Path, exact: bool, threads: int) -> None:
+        if self.backend == "onnx":
             runtime = import_runtime("onnxruntime", "onnx")
             options = runtime.SessionOptions()
-            options.intra_op_num_threads = os.cpu_count() or 1
+            options.intra_op_num_threads = threads
             self._session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         else:
             runtime = import_runtime("openvino", "openvino")
@@ -48,12 +143,20 @@ class ExportedModel:
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if self.fixed_batch is None:
+            return dict(zip(self.tasks, self._run(pixel_values), strict=True))
+        size, parts = self.fixed_batch, []
+        for start in range(0, len(pixel_values), size):
+            chunk = pixel_values[start : start + size]
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
+            parts.append([output[: len(chunk)] for output in self._run(padded)])
+        return {task: np.concatenate([part[i] for part in parts]) for i, task in enumerate(self.tasks)}
+
+    def _run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
         if self.backend == "onnx":
-            outputs = self._session.run(None, {"pixel_values": pixel_values})
-        else:
-            result = self._compiled(pixel_values)
-            outputs = [result[output] for output in self._compiled.outputs]
-        return dict(zip(self.tasks, outputs, strict=True))
+            return self._session.run(None, {"pixel_values": pixel_values})
+        result = self._compiled(pixel_values)
+        return [result[output] for output in self._compiled.outputs]
 
 
 def import_runtime(module: str, backend: str):
@@ -66,8 +169,8 @@ def import_runtime(module: str, backend: str):
 
 
 def exported_folder(name_or_path: str | os.PathLike, backend: str, **hub_kwargs: Any) -> Path:
-    """The folder holding `backend`'s artifacts and the manifest: a checkpoint folder, or a Hub repo's files
-    (downloaded once into the Hub cache)."""
+    """The folder holding `backend`'s artifacts and the manifest: a checkpoint or export folder, or a Hub repo's
+    files (downloaded once into the Hub cache; a push commits weights and export together)."""
     if backend not in ARTIFACTS:
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}.")
     folder = Path(name_or_path)
@@ -87,3 +190,16 @@ def exported_folder(name_or_path: str | os.PathLike, backend: str, **hub_kwargs:
     for name in (MANIFEST, *ARTIFACTS[backend]):
         downloaded = Path(hf_hub_download(str(name_or_path), name, **hub_kwargs))
     return downloaded.parents[len(Path(ARTIFACTS[backend][-1]).parts) - 1]
+
+
+@functools.cache
+def age_bin_bounds(labels: tuple[str, ...]) -> tuple[list[float], list[float]] | None:
+    """Inclusive year range of each age label ("20-29" -> 20..29, "70+" -> 70..inf); None if one does not parse."""
+    lows, highs = [], []
+    for label in labels:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)|\+)\s*", str(label))
+        if match is None:
+            return None
+        lows.append(float(match[1]))
+        highs.append(float(match[2]) if match[2] else math.inf)
+    return lows, highs

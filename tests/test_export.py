@@ -176,3 +176,157 @@ def test_auto_picks_openvino_where_its_export_is_there_and_says_so_when_it_is_no
     assert json.loads(result.stdout)["backend"] == "torch" and json.loads(result.stdout)["faces"][0]
     said = [line for line in result.stderr.splitlines() if "backend auto" in line]
     assert len(said) == 1 and "torch, since" in said[0] and "softbio_hf.export" in said[0]
+
+
+def run_exported(folder: Path, backend: str, *photos: str) -> subprocess.CompletedProcess:
+    """tests/exported_run.py, whatever its exit code."""
+    env = {**__import__("os").environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    command = [sys.executable, str(REPO / "tests" / "exported_run.py"), str(folder), backend, *(photos or (GRACE,))]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def light_run(folder: Path, backend: str, batch_size: str = "-") -> dict:
+    """The torch-free runtime on both photos (tests/light_run.py): its answers or its error."""
+    return json.loads(
+        in_own_process(str(REPO / "tests" / "light_run.py"), str(folder), backend, batch_size, GRACE).stdout
+    )
+
+
+def copy_of(exported: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(exported, tmp_path / "model"))
+
+
+def tiny_model(seed: int) -> SoftBioModel:
+    torch.manual_seed(seed)
+    return SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+
+
+def test_weights_saved_over_an_exported_checkpoint_are_refused_and_auto_serves_torch(exported, tmp_path):
+    folder = copy_of(exported, tmp_path)
+    tiny_model(1).save_pretrained(folder)  # new weights over the checkpoint; the old export stays beside them
+    for backend in ("onnx", "openvino"):
+        refused = run_exported(folder, backend)
+        assert refused.returncode != 0 and "are not the ones its" in refused.stderr, refused.stderr[-2000:]
+        assert "python -m softbio_hf.export --model" in refused.stderr
+    auto = run_exported(folder, "auto")
+    assert auto.returncode == 0 and json.loads(auto.stdout)["backend"] == "torch"
+    assert "are not the ones its openvino export was made from" in auto.stderr
+
+
+def test_a_changed_artifact_is_refused_and_a_broken_file_or_manifest_is_named(exported, tmp_path):
+    folder = copy_of(exported, tmp_path)
+    onnx_file = folder / "onnx" / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of a weight: still a valid file, a different model
+    onnx_file.write_bytes(bytes(data))
+    assert "model.onnx is not the file its manifest names" in light_run(folder, "onnx")["error"]
+    # A broken OpenVINO file whose manifest was rewritten to match: named, and auto falls back to torch.
+    (folder / "openvino" / "openvino_model.xml").write_text("<net>not a model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    from softbio_hf.runtimes import file_digest
+
+    manifest["digests"]["openvino/openvino_model.xml"] = file_digest(folder / "openvino" / "openvino_model.xml")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    auto = run_exported(folder, "auto")
+    assert auto.returncode == 0 and json.loads(auto.stdout)["backend"] == "torch", auto.stderr[-2000:]
+    assert "openvino could not load" in auto.stderr and "Traceback" not in auto.stderr
+    (folder / "manifest.json").write_text("{not json")
+    assert "manifest.json cannot be read" in light_run(folder, "openvino")["error"]
+
+
+def test_exporting_one_format_again_removes_the_other_so_auto_cannot_pick_it(exported, tmp_path):
+    folder = copy_of(exported, tmp_path)
+    tiny_model(2).save_pretrained(folder)
+    in_own_process("-m", "softbio_hf.export", "--model", str(folder), "--format", "onnx", "--out", str(folder))
+    assert not (folder / "openvino").exists()
+    assert json.loads((folder / "manifest.json").read_text())["formats"] == ["onnx"]
+    auto = run_exported(folder, "auto")
+    assert json.loads(auto.stdout)["backend"] == "torch" and "no openvino export" in auto.stderr
+    assert "faces" in light_run(folder, "onnx")  # the new onnx export serves the new weights
+
+
+KILLED_MID_EXPORT = """
+import os, signal, sys
+import softbio_hf.export as export
+
+def killed(*args, **kwargs):  # the onnx file is written; the process dies before the rest
+    os.kill(os.getpid(), signal.SIGKILL)
+
+export.write_openvino = killed
+sys.exit(export.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_mid_export_leaves_the_old_export_whole(exported, tmp_path):
+    from softbio_hf.runtimes import file_digest
+
+    folder = copy_of(exported, tmp_path)
+    before = {path: file_digest(path) for path in folder.rglob("*") if path.is_file()}
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_EXPORT, "--model", str(folder), "--out", str(folder)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9
+    assert {path: file_digest(path) for path in folder.rglob("*") if path.is_file()} == before
+    assert "faces" in light_run(folder, "onnx") and "faces" in light_run(folder, "openvino")
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from softbio_hf.safe_files import holding
+
+with holding(Path(sys.argv[1]), "held"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_second_export_at_once_and_a_folder_of_another_checkpoint_are_refused(exported, tmp_path, capsys):
+    from softbio_hf.export import export_lock
+
+    out = tmp_path / "own"
+    # Another process holds the export's lock (a POSIX lock is per process), as a running export would.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(export_lock(out))],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert export_main(["--model", str(exported), "--format", "onnx", "--out", str(out)]) == 2
+    finally:
+        holder.communicate("", timeout=60)
+    assert "another export is writing" in capsys.readouterr().err and not out.exists()
+    other = tmp_path / "other"
+    tiny_model(3).save_pretrained(other)
+    assert export_main(["--model", str(exported), "--format", "onnx", "--out", str(other)]) == 2
+    assert "holds another checkpoint's weights" in capsys.readouterr().err and not (other / "manifest.json").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert export_main(["--model", str(exported), "--format", "onnx", "--out", str(tmp_path / "notes")]) == 2
+    assert "neither empty nor an earlier export" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_a_fixed_batch_size_is_honoured_by_the_batch_command(exported, tmp_path):
+    folder = tmp_path / "model"
+    SoftBioModel.from_pretrained(exported).save_pretrained(folder)
+    in_own_process(
+        "-m", "softbio_hf.export", "--model", str(folder), "--format", "onnx", "--out", str(folder), "--batch-size", "1"
+    )
+    assert json.loads((folder / "manifest.json").read_text())["batch"] == 1
+    common = [GRACE, ASTRONAUT, "--model", str(folder), "--detector", "haar", "--num-workers", "0", "--batch-size", "2"]
+    in_own_process("-m", "softbio_hf.predict", *common, "--out", str(tmp_path / "rows.csv"), "--backend", "onnx")
+    rows = list(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert [row["status"] for row in rows] == ["ok", "ok"]

@@ -33,6 +33,8 @@ CODE_FILES = {
     "hub_access.py",
     "runtimes.py",
     "video.py",
+    "images.py",
+    "runtime_light.py",
 }
 
 

@@ -230,10 +230,10 @@ def test_urls_are_fetched_with_a_timeout(pipe):
 
 
 def test_downloads_over_the_byte_cap_are_refused(monkeypatch):
-    import softbio_hf.pipeline_softbio as pipeline_module
+    import softbio_hf.images as images_module  # load_image's home (the torch-free runtime's too)
 
     body = jpeg_bytes(astronaut())
-    monkeypatch.setattr(pipeline_module, "MAX_DOWNLOAD_BYTES", len(body) - 1)
+    monkeypatch.setattr(images_module, "MAX_DOWNLOAD_BYTES", len(body) - 1)
     with serving(body) as base, pytest.raises(ValueError, match=r"big\.jpg.*is larger than"):
         load_image(f"{base}/big.jpg")
 

@@ -123,7 +123,7 @@ def stage_model(
         from softbio_hf.export import export as export_model
 
         try:
-            export_model(model, out)
+            export_model(model, out, checkpoint=out)  # beside the weights just saved: their digest
         except (ExportError, ImportError) as error:
             raise HubError(f"--export: {error}") from None
     plots = []

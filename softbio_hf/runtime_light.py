@@ -1,0 +1,283 @@
+"""
+The torch-free runtime: a photo in, the pipeline's JSON out, from an export folder alone (numpy, OpenCV, Pillow and
+onnxruntime or OpenVINO; neither torch nor transformers is imported).
+
+    from softbio_hf.runtime_light import ExportedPipeline
+    analyze = ExportedPipeline("softbio-onnx", backend="onnx")     # an export folder or a Hub repo id
+    analyze("photo.jpg", detector="haar")                          # [{"box": ..., "age": ..., ...}, ...]
+
+The pipeline's exported backends call the same code: detection (faces.py), cropping, normalisation and
+postprocessing live here once, whichever backend runs the forward pass. Everything the answer depends on comes
+from the export's manifest (tasks, labels, age years, image size and normalisation, detector defaults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
+from .images import DEFAULT_TIMEOUT_S, MAX_IMAGE_PIXELS, check_image, describe, load_image
+from .runtimes import ExportedModel, age_bin_bounds, exported_folder
+
+# Haar scores are neighbours / (neighbours + 5); 0.7 (12+ neighbours) drops most of its false positives.
+DEFAULT_THRESHOLDS = {"yunet": 0.6, "haar": 0.7, "none": 0.0}
+DEFAULT_MARGIN = 0.25
+DEFAULT_MIN_FACE_SIZE = 20
+
+
+def detector_defaults() -> dict[str, Any]:
+    """What detection and cropping default to: written into an export's manifest, read back by the runtime."""
+    return {
+        "thresholds": dict(DEFAULT_THRESHOLDS),
+        "margin": DEFAULT_MARGIN,
+        "min_face_size": DEFAULT_MIN_FACE_SIZE,
+        "detection_max_side": DETECTION_MAX_SIDE,
+    }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def check_options(threshold, margin, max_faces, min_face_size, detection_max_side, top_k, timeout) -> None:
+    """Call options are checked before any work: a wrong one is named with what it takes."""
+    rules = (
+        ("threshold", threshold, lambda v: _is_number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+        ("margin", margin, lambda v: _is_number(v) and 0 <= v <= 2, "a fraction of the face size between 0 and 2"),
+        ("max_faces", max_faces, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1 (or None for all)"),
+        ("min_face_size", min_face_size, lambda v: _is_number(v) and v >= 1, "a size in pixels >= 1"),
+        ("detection_max_side", detection_max_side, lambda v: isinstance(v, int) and v >= 32, "pixels, >= 32"),
+        ("top_k", top_k, lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+        ("timeout", timeout, lambda v: _is_number(v) and v > 0, "seconds, > 0"),
+    )
+    for option, value, valid, allowed in rules:
+        if value is not None and not valid(value):
+            raise ValueError(f"{option}={value!r}: use {allowed}.")
+
+
+CALL_OPTIONS = (
+    "detector",
+    "threshold",
+    "margin",
+    "max_faces",
+    "min_face_size",
+    "detection_max_side",
+    "top_k",
+    "timeout",
+    "batch_size",
+    "num_workers",
+)
+
+
+def unknown_options_message(options: dict) -> str:
+    """A misspelt option must not be ignored: name it and the closest valid one."""
+    import difflib
+
+    hints = []
+    for name in sorted(options):
+        close = difflib.get_close_matches(name, CALL_OPTIONS, n=1, cutoff=0.6)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown soft-biometrics option(s): {', '.join(hints)}. Valid options: {', '.join(CALL_OPTIONS)}."
+
+
+def task_result(labels: list[str], probs: list[float], top_k: int | None) -> dict[str, Any]:
+    ranked = sorted(zip(labels, probs, strict=True), key=lambda pair: pair[1], reverse=True)
+    if top_k is not None:
+        ranked = ranked[: max(1, top_k)]
+    return {"label": ranked[0][0], "score": round(ranked[0][1], 4), "scores": {k: round(v, 4) for k, v in ranked}}
+
+
+def int_box(box, width: int, height: int) -> dict[str, int]:
+    xmin, ymin, xmax, ymax = box
+    return {
+        "xmin": max(0, int(np.floor(xmin))),
+        "ymin": max(0, int(np.floor(ymin))),
+        "xmax": min(width, int(np.ceil(xmax))),
+        "ymax": min(height, int(np.ceil(ymax))),
+    }
+
+
+def face_array(crop: np.ndarray, size: int) -> np.ndarray:
+    """
+    A square face crop at the model's input size, uint8 [1, 3, size, size]: the image processor's resize (PIL
+    bicubic; its centre crop is a no-op on a square) without its float conversion, done for a whole batch by
+    `normalize_array` (or by the pipeline on the model's device). Equal to the image processor's pixels (tested).
+    """
+    image = Image.fromarray(crop)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(image).transpose(2, 0, 1)[None]
+
+
+def normalize_array(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 [N, 3, S, S] to the backbone's float32 input: (x / 255 - mean) / std as one multiply and one subtract,
+    the same float32 arithmetic as the pipeline's normalize_pixels."""
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    values = pixels.astype(np.float32)
+    values *= np.float32(1) / (np.float32(255) * std)
+    values -= mean / std
+    return values
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits.astype(np.float32) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def expected_years(age_probs: np.ndarray, age_years, labels=None) -> float:
+    """expected_age_years for one face's probabilities: the bins' representative ages weighted by them, kept
+    within the predicted age group's range (so "70+" is never "about 38")."""
+    years = float(age_probs @ np.asarray(age_years, dtype=age_probs.dtype))
+    bounds = age_bin_bounds(tuple(labels)) if labels is not None else None
+    if bounds is None:
+        return years
+    predicted = int(age_probs.argmax())
+    return min(max(years, bounds[0][predicted]), bounds[1][predicted])
+
+
+def face_result(
+    face: dict[str, Any], probs: dict[str, np.ndarray], tasks: dict[str, list[str]], age_years, top_k: int | None
+) -> dict[str, Any]:
+    """One face's record: its box and detection score, then each task's label, score and scores (age: years)."""
+    record = dict(face)
+    for task, labels in tasks.items():
+        values = np.asarray(probs[task], dtype=np.float32).reshape(-1)
+        record[task] = task_result(labels, values.tolist(), top_k)
+        if task == "age" and age_years:
+            record[task]["years"] = round(float(np.float32(expected_years(values, age_years, labels))), 1)
+    return record
+
+
+class ExportedPipeline:
+    """
+    An export served without torch: `ExportedPipeline(folder_or_repo, backend)(image_or_list, **options)` answers
+    as `pipeline("soft-biometrics", ...)` does, for the same options (detector, threshold, margin, max_faces,
+    min_face_size, detection_max_side, top_k, batch_size, max_pixels, timeout). A list runs detection of the next
+    photo while the current one's faces are in the forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: str = "onnx",
+        exact: bool = True,
+        yunet_path: str | None = None,
+        threads: int | None = None,
+    ):
+        if backend not in ("onnx", "openvino"):
+            raise ValueError(f"backend={backend!r}: the torch-free runtime runs 'onnx' or 'openvino'.")
+        self.model = ExportedModel(backend, exported_folder(model, backend), exact=exact, threads=threads)
+        self.backend = backend
+        manifest = self.model.manifest
+        self.manifest = manifest
+        self.tasks = {task: list(manifest["labels"][task]) for task in manifest["tasks"]}
+        self.defaults = {**detector_defaults(), **(manifest.get("detector") or {})}
+        self.yunet_path = yunet_path
+        self._detectors: dict[str, Any] = {}
+
+    def detector(self, name: str):
+        if name not in self._detectors:
+            self._detectors[name] = make_detector(name, self.yunet_path)
+        return self._detectors[name]
+
+    def __call__(self, inputs: Any, batch_size: int | None = None, **options: Any):
+        unknown = {k: v for k, v in options.items() if k not in CALL_OPTIONS and k != "max_pixels"}
+        if unknown:
+            raise TypeError(unknown_options_message(unknown))
+        options = self.checked(options)
+        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size={batch_size!r}: use a whole number of face crops >= 1.")
+        single = not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
+        for index, item in enumerate(items):  # every input named up front, before any model work
+            check_image(
+                item, max_pixels=options["max_pixels"], name=None if single else f"input {index} ({describe(item)})"
+            )
+        results = list(self.stream(items, options, batch_size))
+        return results[0] if single else results
+
+    def checked(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The call's options with the manifest's defaults filled in; a wrong one is named."""
+        check_options(*(options.get(key) for key in CHECKED_OPTIONS))
+        max_pixels = options.get("max_pixels", MAX_IMAGE_PIXELS)
+        if not (isinstance(max_pixels, int) and max_pixels >= 1):
+            raise ValueError(f"max_pixels={max_pixels!r}: use a whole number of pixels >= 1.")
+        filled = {key: options.get(key) for key in CHECKED_OPTIONS}
+        for key in ("margin", "min_face_size", "detection_max_side"):
+            filled[key] = self.defaults[key] if filled[key] is None else filled[key]
+        filled["timeout"] = filled["timeout"] or DEFAULT_TIMEOUT_S
+        filled["detector"] = options.get("detector") or "auto"
+        filled["max_pixels"] = max_pixels
+        return filled
+
+    def stream(self, items: list, options: dict[str, Any], batch_size: int | None) -> Iterator[list[dict[str, Any]]]:
+        """Each image's faces in order; the next image is decoded and its faces found in a second thread while the
+        current faces run through the model (both OpenCV and the runtimes let go of the GIL)."""
+        if not items:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.crops_of, items[0], options)
+            for index in range(len(items)):
+                faces, crops = pending.result()
+                if index + 1 < len(items):
+                    pending = pool.submit(self.crops_of, items[index + 1], options)
+                yield self.answer(faces, crops, options["top_k"], batch_size)
+
+    def crops_of(self, image: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        """An image's faces (box and detection score, largest first) and their uint8 crops [F, 3, S, S]."""
+        rgb = load_image(image, timeout=options["timeout"], max_pixels=options["max_pixels"])
+        face_detector = self.detector(options["detector"])
+        threshold = options["threshold"]
+        if threshold is None:
+            threshold = self.defaults["thresholds"][face_detector.name]
+        found = detect_faces(
+            face_detector,
+            rgb,
+            min_face_size=options["min_face_size"],
+            score_threshold=threshold,
+            max_faces=options["max_faces"],
+            max_side=options["detection_max_side"],
+        )
+        if not found:
+            return [], None
+        height, width = rgb.shape[:2]
+        size = int(self.manifest["image_size"])
+        faces = [{"box": int_box(face.box, width, height), "detection_score": round(face.score, 4)} for face in found]
+        crops = np.concatenate([face_array(crop_face(rgb, face, options["margin"]), size) for face in found])
+        return faces, crops
+
+    def probabilities(self, crops: np.ndarray, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Per-task probabilities for uint8 crops [F, 3, S, S], `batch_size` crops per forward pass."""
+        step = batch_size or len(crops)
+        parts = []
+        for start in range(0, len(crops), step):
+            pixels = normalize_array(
+                crops[start : start + step], self.manifest["image_mean"], self.manifest["image_std"]
+            )
+            parts.append({task: softmax(value) for task, value in self.model(pixels).items()})
+        return {task: np.concatenate([part[task] for part in parts]) for task in self.tasks}
+
+    def answer(self, faces, crops, top_k: int | None, batch_size: int | None) -> list[dict[str, Any]]:
+        if not faces:
+            return []
+        probs = self.probabilities(crops, batch_size)
+        age_years = self.manifest.get("age_years")
+        return [
+            face_result(face, {task: values[i] for task, values in probs.items()}, self.tasks, age_years, top_k)
+            for i, face in enumerate(faces)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """What the model answers and how it was made (the server's GET /v1/model)."""
+        keys = ("tasks", "labels", "age_years", "image_size", "batch", "versions", "calibration", "detector")
+        return {"backend": self.backend, **{key: self.manifest.get(key) for key in keys}}
+
+
+CHECKED_OPTIONS = ("threshold", "margin", "max_faces", "min_face_size", "detection_max_side", "top_k", "timeout")
