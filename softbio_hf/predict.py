@@ -310,11 +310,14 @@ def load_model(spec: str):
     import torch
 
     from . import SoftBioModel
+    from .checkpoint_files import CheckpointFileError
 
     try:
         if spec.startswith("clip:"):
             return SoftBioModel.from_clip(spec.removeprefix("clip:"))
         return SoftBioModel.from_pretrained(spec, dtype=torch.float32)
+    except CheckpointFileError as error:  # it names the file and the fix already
+        raise ValueError(f"--model {spec}: {error}") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"--model {spec} could not be loaded: {error}. Pass a folder written by save_pretrained or "
