@@ -306,3 +306,20 @@ def test_a_parquet_table_without_pyarrow_is_refused_before_any_work(tmp_path):
     assert "exit 2" in said and "--out rows.PARQUET (a .parquet table) needs pyarrow" in said
     assert "torch imported: False" in said  # refused before the model, or torch, is touched
     assert not list(tmp_path.glob("rows*"))
+
+
+def test_a_lists_relative_paths_start_at_its_folder_and_a_missing_one_shows_where_it_was_looked_for(
+    model_dir, tmp_path, monkeypatch
+):
+    shelf = tmp_path / "shelf"
+    (shelf / "sub").mkdir(parents=True)
+    shutil.copy(REPO / "examples" / "grace_hopper.jpg", shelf / "sub" / "grace.jpg")
+    (shelf / "list.txt").write_text("sub/grace.jpg\nsub/missing.jpg\n")
+    monkeypatch.chdir(tmp_path)  # not the list's folder
+    run([shelf / "list.txt"], model_dir, tmp_path / "faces.csv", num_workers=0)
+    found, missing = rows_of(tmp_path / "faces.csv")
+    assert (found["source"], found["status"]) == ("sub/grace.jpg", "ok")
+    assert missing["status"] == (
+        f"error: 'sub/missing.jpg' (read as {shelf / 'sub' / 'missing.jpg'}: a list's relative paths start at the "
+        "list's folder): no such image file; check the path."
+    )
