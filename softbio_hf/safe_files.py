@@ -44,7 +44,7 @@ def lock_exclusively(path: Path) -> IO[str] | None:
     """
     import fcntl
 
-    handle = Path(path).open("a")
+    handle = Path(path).open("a")  # noqa: SIM115 - returned open: the open file is what holds the lock
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

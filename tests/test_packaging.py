@@ -158,3 +158,9 @@ def test_the_batch_commands_help_and_argument_errors_answer_without_torch(tmp_pa
     )
     assert "exit 2" in result.stdout and "torch imported: False" in result.stdout, result.stdout + result.stderr
     assert "cannot write .txt" in result.stderr
+
+
+def test_ci_installs_system_packages_without_their_recommends():
+    """apt's recommends pull in hundreds of MB the tests never use (a desktop's worth with chromium)."""
+    installs = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "apt-get install" in line]
+    assert len(installs) == 2 and all("--no-install-recommends" in line for line in installs), installs
