@@ -291,23 +291,6 @@ def test_a_read_only_folder_is_named_before_any_work(tmp_path):
     assert list(shelf.iterdir()) == []
 
 
-def test_a_parquet_table_without_pyarrow_is_refused_before_any_work(tmp_path):
-    from remote import run_isolated
-
-    script = (
-        "import contextlib, io, sys\nsys.modules['pyarrow'] = None\nsys.modules['pyarrow.parquet'] = None\n"
-        "sys.argv = ['-m']  # as while Python locates `-m softbio_hf.predict`: no model registered, no torch\n"
-        "from softbio_hf.predict import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as said:\n"
-        "    code = main(['photo.jpg', '--model', 'no-such-model', '--out', 'rows.PARQUET'])\n"
-        "print('exit', code, said.getvalue(), 'torch imported:', 'torch' in sys.modules)\n"
-    )
-    said = run_isolated(tmp_path, script, pythonpath=str(REPO))
-    assert "exit 2" in said and "--out rows.PARQUET (a .parquet table) needs pyarrow" in said
-    assert "torch imported: False" in said  # refused before the model, or torch, is touched
-    assert not list(tmp_path.glob("rows*"))
-
-
 def test_a_lists_relative_paths_start_at_its_folder_and_a_missing_one_shows_where_it_was_looked_for(
     model_dir, tmp_path, monkeypatch
 ):
