@@ -39,7 +39,10 @@ class FaceStream(torch.utils.data.IterableDataset):
                 loaded = load_from_disk(folder)
                 self._datasets[(folder, split)] = loaded[split] if split else loaded
             return load_image(self._datasets[(folder, split)][row]["image"], name=repr(source.key))
-        return load_image(source.ref, name=repr(source.key), timeout=self.options.get("timeout", 10.0))
+        name = repr(source.key)
+        if source.ref != source.key:  # a list's relative path: say where it was looked for
+            name += f" (read as {source.ref}: a list's relative paths start at the list's folder)"
+        return load_image(source.ref, name=name, timeout=self.options.get("timeout", 10.0))
 
     def faces_of(self, source) -> dict[str, Any]:
         item: dict[str, Any] = {"index": source.index, "key": source.key}

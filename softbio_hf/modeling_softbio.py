@@ -14,6 +14,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, TransformersKwargs, is_torchvision_available, logging
 
 from . import methods
+from .checkpoint_files import check_local_config, check_same_tasks, refuse_pickled_weights, weights_named
 from .configuration_softbio import SoftBioConfig
 from .hub_access import cache_only
 from .methods import ADAPTER_MARKERS
@@ -197,8 +198,13 @@ class SoftBioPreTrainedModel(PreTrainedModel):
         As transformers does it, then the parameters CLIP's own `_init_weights` does not know: transformers hands
         the backbone's modules (a model of its own) to CLIP's rule, which leaves MTLoRA's pairs untouched.
         """
-        super().initialize_weights()
         backbone = getattr(self, "backbone", None)
+        if backbone is not None:
+            # CLIP's rule as CLIP runs it, first: under ours (custom code) transformers skips a module without
+            # parameters of its own, and CLIP sets q/k/v/out and fc1/fc2 from their parent attention and MLP
+            # modules, so a model built on the meta device kept the generic Linear init there.
+            backbone.initialize_weights()
+        super().initialize_weights()
         if backbone is not None:
             for module in backbone.modules():
                 init_adapter_parameters(module)
@@ -352,13 +358,6 @@ class SoftBioModel(SoftBioPreTrainedModel):
             labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels}, len(pixel_values)
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if output_attentions and self.backbone.config._attn_implementation != "eager":
-            # SDPA and flash kernels never form the attention matrix: without this, an empty tuple would come back
-            raise ValueError(
-                f"output_attentions=True needs the eager attention; this model runs "
-                f"{self.backbone.config._attn_implementation!r}. Load it with "
-                'from_pretrained(..., attn_implementation="eager") to get the attention weights.'
-            )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         tokens, backbone_output = self.encode(
@@ -580,6 +579,7 @@ class SoftBioModel(SoftBioPreTrainedModel):
         unless loaded with `allow_new_heads=True` (to train it, or to use it knowingly).
         """
         refuse_pickled_weights(pretrained_model_name_or_path)
+        check_local_config(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint
         if pretrained_model_name_or_path is not None and "local_files_only" not in kwargs:
             kwargs["local_files_only"] = cache_only(pretrained_model_name_or_path)  # one probe, no retries
@@ -596,9 +596,10 @@ class SoftBioModel(SoftBioPreTrainedModel):
             saved, _ = SoftBioConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             check_same_tasks(saved.get("tasks"), requested, pretrained_model_name_or_path)
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        with weights_named(pretrained_model_name_or_path):
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         missing = set(info.get("missing_keys", ()))
         headless = [
             task
@@ -628,20 +629,6 @@ def refuse_untrained_heads(model: nn.Module) -> None:
         )
 
 
-def refuse_pickled_weights(source) -> None:
-    """A local checkpoint with only pickled weights gets a message that says how to convert them."""
-    if source is None or not Path(str(source)).is_dir():
-        return
-    folder = Path(str(source))
-    if not list(folder.glob("*.safetensors")) and (list(folder.glob("*.bin")) or list(folder.glob("*.pt"))):
-        raise ValueError(
-            f"{folder} holds pickled weights (.bin/.pt) and no safetensors; softbio loads safetensors only, since "
-            "unpickling can run code. If you trust the file, convert it once: load the state dict with "
-            "torch.load(path, weights_only=True) and write it with safetensors.torch.save_file(state_dict, "
-            f"'{folder}/model.safetensors')."
-        )
-
-
 def copy_pipeline_code(save_directory: str | os.PathLike) -> None:
     """
     Put the pipeline's files beside the checkpoint (config.custom_pipelines points at them). Copied, not
@@ -660,26 +647,6 @@ def parameter_part(name: str) -> str:
         if name.startswith(prefix):
             return part
     return "other"
-
-
-def check_same_tasks(saved: dict | None, requested: dict, source) -> None:
-    """A checkpoint's heads are only meaningful under its own label names and order."""
-    saved = {task: list(labels) for task, labels in (saved or {}).items()}
-    requested = {task: list(labels) for task, labels in requested.items()}
-    if saved == requested:
-        return
-    problems = []
-    for task in sorted(set(saved) | set(requested)):
-        if task not in saved:
-            problems.append(f"task {task!r} is not in the checkpoint")
-        elif task not in requested:
-            problems.append(f"the checkpoint also has task {task!r}")
-        elif saved[task] != requested[task]:
-            problems.append(f"{task!r} labels are {saved[task]} in the checkpoint but {requested[task]} were requested")
-    raise ValueError(
-        f"The checkpoint {str(source)!r} does not match the requested tasks: {'; '.join(problems)}. "
-        "Load it without `tasks=` to use its own labels, or train a new head for the labels you need."
-    )
 
 
 __all__ = [

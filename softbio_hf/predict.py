@@ -182,6 +182,13 @@ def parts_folder(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def block_text(rows: list[dict[str, Any]]) -> str:
+    """A photo's or video's rows as one block of JSON lines for its part file. Each row carries the block's length:
+    a video's block (faces, then one row per track) torn anywhere, also after its first track row, is then known
+    unfinished on --resume."""
+    return "".join(json.dumps({**row, "block": len(rows)}) + "\n" for row in rows)
+
+
 def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     """A part file's rows without an unfinished last line or photo (a crash mid-write), which `repair` also cuts
     off the file, so that photo is done again."""
@@ -191,7 +198,7 @@ def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     if rows:
         last = rows[-1]
         block = [r for r in rows if r["index"] == last["index"]]
-        if len(block) < max(1, last["faces"]):
+        if len(block) < last.get("block", max(1, last["faces"])):  # parts written before `block` lack it
             rows = rows[: len(rows) - len(block)]
             complete = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
     if repair and len(complete) != len(data):
@@ -199,11 +206,17 @@ def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def output_format(out: Path) -> str:
+    """The table's format, from its suffix in any case (faces.CSV is a CSV file): the one rule for every reader
+    and writer here."""
+    return out.suffix.lower()
+
+
 def read_output(out: Path) -> list[dict[str, Any]]:
     """Rows of a finished output file (for --resume after a finished run)."""
-    if out.suffix == ".jsonl":
+    if output_format(out) == ".jsonl":
         return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    if out.suffix == ".csv":
+    if output_format(out) == ".csv":
         with out.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         for row in rows:
@@ -216,7 +229,7 @@ def read_output(out: Path) -> list[dict[str, Any]]:
 def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
     """The final table, in input order, written whole (safe_files): a crash never leaves half a file."""
     rows = sorted(rows, key=lambda r: (int(r["index"]), int(r["face"])))
-    kind = out.suffix.lower()
+    kind = output_format(out)
     if kind == ".csv":
         with atomic_write(out, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
@@ -233,29 +246,59 @@ def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> Non
             parquet.write_table(pyarrow.Table.from_pylist([{k: row.get(k) for k in names} for row in rows]), partial)
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.suffix.lower() not in FORMATS:
+def check_output(out: Path, resume: bool, overwrite: bool, option: str = "--out") -> None:
+    """Everything about an output table that can be said before any work: format, place, an earlier run's."""
+    if output_format(out) not in FORMATS:
         kind = out.suffix or "a file without extension"
-        raise PredictError(f"--out {out}: cannot write {kind}; use one of {', '.join(FORMATS)}.")
+        raise PredictError(f"{option} {out}: cannot write {kind}; use one of {', '.join(FORMATS)}.")
     if resume and overwrite:
         raise PredictError("--resume continues an output and --overwrite replaces it: choose one.")
     if out.is_dir():
-        raise PredictError(f"--out {out} is a folder; give a file ending in {', '.join(FORMATS)}.")
+        raise PredictError(f"{option} {out} is a folder; give a file ending in {', '.join(FORMATS)}.")
+    if parts_folder(out).exists() and not parts_folder(out).is_dir():
+        raise PredictError(f"{option} {out}: {parts_folder(out)} (where rows wait) is a file; move it away.")
+    problem = safe_files.unwritable_reason(out)
+    if problem:
+        raise PredictError(f"{option} {out} cannot be written: {problem}. Choose {option} in a folder you can write.")
+    if output_format(out) == ".parquet":  # refused now, not after all the work
+        optional_import("pyarrow.parquet", "train", f"{option} {out} (a .parquet table)")
     exists = out.exists() or parts_folder(out).exists()
     if exists and not (resume or overwrite):
-        raise PredictError(f"--out {out} exists; continue it with --resume, or replace it with --overwrite.")
+        raise PredictError(f"{option} {out} exists; continue it with --resume, or replace it with --overwrite.")
+
+
+def check_tracks(out: Path, tracks: Path | None, resume: bool, overwrite: bool) -> None:
+    if tracks is None:
+        return
+    if tracks.resolve() == out.resolve():
+        raise PredictError(f"--tracks {tracks} is --out too: the track table would replace the faces; give another.")
+    check_output(tracks, resume, overwrite, "--tracks")
 
 
 @contextlib.contextmanager
-def holding(out: Path) -> Iterator[None]:
-    """The output, held for the run: a second run on the same --out is refused while the first writes it (two runs
-    appending to one part file would duplicate rows)."""
-    busy = f"--out {out} is being written by another run of this command; wait for it to end, or choose another --out."
+def holding(out: Path, option: str = "--out") -> Iterator[None]:
+    """The output, held for the run: a second run on the same --out (or --tracks) is refused while the first writes
+    it (two runs appending to one part file would duplicate rows; two writing one track table would lose one's)."""
+    busy = (
+        f"{option} {out} is being written by another run of this command; wait for it to end, or choose another "
+        f"{option}."
+    )
     try:
         with safe_files.holding(out.with_name(out.name + ".lock"), busy):
             yield
     except (safe_files.LockBusy, safe_files.LockUnsupported) as error:
         raise PredictError(str(error)) from None
+    except OSError as error:  # the place changed since check_output, or a file system that refuses
+        raise PredictError(f"{option} {out} cannot be written ({error.strerror}); choose another {option}.") from None
+
+
+@contextlib.contextmanager
+def holding_outputs(out: Path, tracks: Path | None) -> Iterator[None]:
+    with contextlib.ExitStack() as held:
+        held.enter_context(holding(out))
+        if tracks is not None:
+            held.enter_context(holding(tracks, "--tracks"))
+        yield
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -307,11 +350,14 @@ def load_model(spec: str):
     import torch
 
     from . import SoftBioModel
+    from .checkpoint_files import CheckpointFileError
 
     try:
         if spec.startswith("clip:"):
             return SoftBioModel.from_clip(spec.removeprefix("clip:"))
         return SoftBioModel.from_pretrained(spec, dtype=torch.float32)
+    except CheckpointFileError as error:  # it names the file and the fix already
+        raise ValueError(f"--model {spec}: {error}") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"--model {spec} could not be loaded: {error}. Pass a folder written by save_pretrained or "
@@ -366,15 +412,14 @@ def predict(
     every: int | None = None,
 ) -> dict[str, Any]:
     """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
-    out = Path(out)
+    out, tracks = Path(out), Path(tracks) if tracks is not None else None
     check_output(out, resume, overwrite)  # before the heavy imports: a wrong --out is said at once
-    if tracks is not None:
-        check_output(Path(tracks), resume, overwrite)
+    check_tracks(out, tracks, resume, overwrite)
 
     state = process_state(device)
     # With --overwrite the old table stays until the new one replaces it (write_output renames over it), so a
     # run that fails early loses nothing.
-    with holding(out) if state.is_main_process else contextlib.nullcontext():
+    with holding_outputs(out, tracks) if state.is_main_process else contextlib.nullcontext():
         import shutil
 
         import torch
@@ -426,7 +471,7 @@ def predict(
                 def write(finished):
                     for item, records in finished:
                         rows = rows_for(item, records, tasks, probabilities)
-                        part.write("".join(json.dumps(row) + "\n" for row in rows))  # one block per photo
+                        part.write(block_text(rows))  # one block per photo
                         part.flush()
                         stats["photos"] += 1
                         stats["faces"] += len(records)
@@ -443,7 +488,7 @@ def predict(
                 write(batcher.run())
                 for video in videos:  # frames are decoded here; their faces go through the model in batches
                     rows = video_rows(pipe, video, {**options, "every": every}, tasks, probabilities)
-                    part.write("".join(json.dumps(row) + "\n" for row in rows))
+                    part.write(block_text(rows))
                     part.flush()
                     stats["photos"] += 1
                     stats["faces"] += sum(row.get("kind") != "track" and row["face"] >= 0 for row in rows)
@@ -453,16 +498,14 @@ def predict(
         state.wait_for_everyone()
         if state.is_main_process:
             rows = read_output(out) if resume and out.exists() else []
-            if resume and tracks is not None and Path(tracks).exists():
-                rows += [{**row, "kind": "track", "face": int(row["track_id"])} for row in read_output(Path(tracks))]
+            if resume and tracks is not None and tracks.exists():
+                rows += [{**row, "kind": "track", "face": int(row["track_id"])} for row in read_output(tracks)]
             for path in sorted(parts.glob("part-*.jsonl")):
                 rows += read_part(path)
             track_rows = [row for row in rows if row.get("kind") == "track"]
             rows = [row for row in rows if row.get("kind") != "track"]
             if tracks is not None:
-                write_output(
-                    Path(tracks), [{**row, "face": row["track_id"]} for row in track_rows], track_columns(tasks)
-                )
+                write_output(tracks, [{**row, "face": row["track_id"]} for row in track_rows], track_columns(tasks))
             write_output(out, rows, names)
             shutil.rmtree(parts, ignore_errors=True)
             stats["rows"] = len(rows)

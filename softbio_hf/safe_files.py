@@ -5,6 +5,7 @@ the Hub staging folder. One lock, one atomic write, one folder swap, so a fix la
 - `lock_exclusively` / `holding`: a run's claim on an output.
 - `atomic_write` (and `_bytes`, `_text`, `_json`): the whole new file or the old one, also after a power cut.
 - `staging_folder` / `replace_folder` / `folder_written_whole`: a folder written aside and swapped in whole.
+- `unwritable_reason`: why an output cannot be created there (under a file, read-only), asked before the work.
 
 Imports only the standard library: the torch-free server and `--help` paths use it too.
 """
@@ -81,6 +82,22 @@ def holding(lock_path: Path, busy_message: str) -> Iterator[None]:
         yield
     finally:
         release(handle)
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """
+    Why `path` cannot be created, or None: a file where a folder of its path should be, or a read-only folder
+    (a read-only mount, an immutable folder, another user's). Asked before a long job starts, so that it fails at
+    once and not when its first or last file is written.
+    """
+    for folder in (Path(path).parent, *Path(path).parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return f"{folder} is a file, not a folder"
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"the folder {folder} is read-only (for this user)"
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
@@ -220,4 +237,5 @@ __all__ = [
     "release",
     "replace_folder",
     "staging_folder",
+    "unwritable_reason",
 ]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,40 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import TINY_VISION, make_tiny_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".venv")  # what any Python run leaves: not the tests'
+
+
+def checkout_extras() -> set[str] | None:
+    """Untracked and ignored files of the checkout, caches aside; None outside a git checkout."""
+    try:
+        listed = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    paths = {line[3:] for line in listed.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {path for path in paths if not any(part in CACHES for part in Path(path).parts)}
+
+
+def pytest_sessionstart(session):
+    session.config.stash_checkout = checkout_extras()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The tests write under their tmp_path, never in the checkout (artifacts/, outputs/ and runs/zs/.lock were
+    left there): anything new beside the repository's files fails the run, named."""
+    before, after = getattr(session.config, "stash_checkout", None), checkout_extras()
+    if before is None or after is None or not after - before:
+        return
+    left = sorted(after - before)
+    print(f"\nThe tests left {len(left)} file(s) in the checkout: {left[:10]}; write them under tmp_path instead.")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

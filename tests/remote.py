@@ -1,7 +1,9 @@
-"""Run a checkpoint in a fresh process that cannot import softbio_hf (nor peft): remote code only."""
+"""Fresh processes: a checkpoint run where softbio_hf (nor peft) cannot be imported, and commands run without
+root's right to write anywhere."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -47,3 +49,9 @@ def run_without_softbio(tmp_path, model_dir, x) -> dict[str, torch.Tensor]:
     stdout = run_isolated(tmp_path, REMOTE_SCRIPT, str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "out.pt"))
     assert "32" in stdout
     return torch.load(tmp_path / "out.pt")
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold even when the tests run as root: setpriv drops the
+    capabilities that let root read and write whatever it likes."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []

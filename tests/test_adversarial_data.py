@@ -115,19 +115,13 @@ def test_bad_values_and_an_unreachable_hub_are_named(tmp_path, capsys):
     assert "could not load HuggingFaceM4/FairFace" in error and "Traceback" not in error
 
 
-def unprivileged() -> list[str]:
-    """A command prefix under which file permissions hold even when the tests run as root: setpriv drops the
-    capabilities that let root read and write whatever it likes."""
-    import os
-
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
-
-
 def prepare_unprivileged(*args):
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from remote import unprivileged
 
     command = [*unprivileged(), sys.executable, "-m", "train.data", "prepare", *[str(a) for a in args]]
     repo = Path(__file__).resolve().parents[1]
@@ -137,6 +131,8 @@ def prepare_unprivileged(*args):
 
 def test_unreadable_tables_locked_folders_and_unwritable_outputs_are_named(tmp_path):
     import subprocess
+
+    from remote import unprivileged
 
     root = tmp_path / "mine"
     make_folder(root)

@@ -124,3 +124,42 @@ def test_a_task_without_trained_weights_loads_as_transformers_does_and_is_refuse
     knowingly = SoftBioModel.from_pretrained(tmp_path / "ckpt", allow_new_heads=True)
     assert knowingly.untrained_heads == []
     assert pipeline("soft-biometrics", model=knowingly)(REPO / "examples" / "grace_hopper.jpg", detector="haar")
+
+
+def damage(folder: Path, how: str) -> Path:
+    """A checkpoint as a cut-short copy or download leaves it; returns the file that is damaged."""
+    if how == "truncated weights":
+        path = folder / "model.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path = folder / "config.json"
+        path.write_text(path.read_text()[:40])
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "config not JSON"])
+def test_a_damaged_checkpoint_is_named_with_the_fix_wherever_it_is_loaded(tiny_model, tmp_path, capsys, how):
+    from transformers import pipeline
+
+    from softbio_hf.checkpoint_files import CheckpointFileError
+    from softbio_hf.predict import main as predict_main
+    from train.hub import main as hub_main
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    damaged = str(damage(tmp_path / "ckpt", how))
+    fix = "save the checkpoint again"
+    with pytest.raises(CheckpointFileError, match="save the checkpoint again") as raised:
+        SoftBioModel.from_pretrained(tmp_path / "ckpt")
+    assert damaged in str(raised.value)
+    if how == "truncated weights":  # pipeline() reads config.json itself first: transformers names that file
+        with pytest.raises(CheckpointFileError, match=fix) as raised:
+            pipeline("soft-biometrics", model=str(tmp_path / "ckpt"))
+        assert damaged in str(raised.value) and "Traceback" not in str(raised.value)
+    photo = str(REPO / "examples" / "grace_hopper.jpg")
+    assert predict_main([photo, "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "f.csv")]) == 2
+    error = capsys.readouterr().err
+    assert damaged in error and fix in error and "Traceback" not in error
+    push = ["push", "--model", str(tmp_path / "ckpt"), "--repo-id", "me/x", "--dry-run", "--out", str(tmp_path / "o")]
+    assert hub_main(push) == 2
+    error = capsys.readouterr().err
+    assert damaged in error and fix in error and "Traceback" not in error

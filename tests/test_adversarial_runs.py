@@ -203,6 +203,22 @@ def test_a_second_predict_on_the_same_out_is_refused_while_the_first_runs(tiny_m
     assert predict(argv) == 0 and len(out.read_text().splitlines()) == 2  # a killed run leaves no stuck lock
 
 
+def test_a_second_predict_writing_the_same_tracks_table_is_refused(tiny_model, tmp_path, capsys):
+    from softbio_hf.predict import main as predict
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    tracks = tmp_path / "tracks.csv"
+    first = hold(tracks.with_name("tracks.csv.lock"))  # another run, writing its faces elsewhere, holds it
+    try:
+        argv = [GRACE, "--model", str(tmp_path / "m"), "--out", str(tmp_path / "mine.csv"), "--tracks", str(tracks)]
+        assert predict([*argv, "--detector", "haar", "--num-workers", "0"]) == 2
+        assert f"--tracks {tracks} is being written by another run" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert not (tmp_path / "mine.csv").exists()
+
+
 def test_overwrite_keeps_the_old_table_until_a_new_one_replaces_it(tiny_model, tmp_path, capsys):
     from softbio_hf.predict import main as predict
 

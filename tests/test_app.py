@@ -18,7 +18,14 @@ from tiny import TINY_VISION
 from softbio_hf import SoftBioConfig, SoftBioModel
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("SOFTBIO_ARTIFACTS", REPO / "artifacts"))
+
+
+def artifacts(tmp_path: Path) -> Path:
+    """Where the screenshots go: SOFTBIO_ARTIFACTS when set (to keep them), else the test's tmp_path, never the
+    checkout (a test run leaves nothing in it)."""
+    folder = Path(os.environ.get("SOFTBIO_ARTIFACTS") or tmp_path / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def serve_tiny_model(root, env: dict[str, str]):
@@ -255,7 +262,7 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
 
     chromium = find_chromium()
     assert chromium, "needs a Chromium: Debian's (apt-get install -y chromium) or python -m playwright install chromium"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shots = artifacts(tmp_path)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes((REPO / "examples" / "astronaut.jpg").read_bytes()[:4000])
     transparent = tmp_path / "astronaut-rgba.png"
@@ -285,7 +292,7 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             text = page.inner_text("#sb-result")
             for expected in ("Face 1", "Age group", "Gender", "Emotion", "years"):
                 assert expected in text
-            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+            page.screenshot(path=str(shots / "app.png"), full_page=True)
 
             # An example photo can be analysed twice: its cached copy must survive the first request.
             page.locator("img[src*='grace_hopper']").first.click()
@@ -341,8 +348,8 @@ def test_browser_analyses_a_clip_in_the_video_tab(app, tmp_path):
             text = page.inner_text("#sb-result")
             assert "Track 1" in text and "Track 2" in text and "agreement" in text
             assert page.get_attribute("#sb-result img", "src").startswith("data:image/gif;base64,")
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "app-video.png"), full_page=True)
+            shots = artifacts(tmp_path)
+            page.screenshot(path=str(shots / "app-video.png"), full_page=True)
         finally:
             browser.close()
 

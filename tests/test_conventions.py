@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import TINY_VISION
+from transformers import PreTrainedModel, set_seed
 
 from softbio_hf import SoftBioConfig, SoftBioModel
 
@@ -14,7 +18,9 @@ LAYERS, TOKENS, HEADS = TINY_VISION["num_hidden_layers"], 17, TINY_VISION["num_a
 
 
 def config(**overrides) -> SoftBioConfig:
-    return SoftBioConfig(vision_config=VISION, projection_dim=16, loss_weighting="uncertainty", **overrides)
+    return SoftBioConfig(
+        **{"vision_config": VISION, "projection_dim": 16, "loss_weighting": "uncertainty", **overrides}
+    )
 
 
 def pixels(batch: int = 3) -> torch.Tensor:
@@ -44,11 +50,25 @@ def test_hidden_states_and_attentions_come_back_with_their_shapes(saved, tmp_pat
     torch.testing.assert_close(plain.logits["age"], out.logits["age"])
 
 
-def test_attentions_under_sdpa_are_refused_with_the_way_to_get_them(saved):
-    model, _ = saved
-    assert model.backbone.config._attn_implementation == "sdpa"  # the default
-    with pytest.raises(ValueError, match=r'needs the eager attention.*attn_implementation="eager"'):
-        model(pixels(), output_attentions=True)
+def test_attentions_asked_of_sdpa_go_on_as_clip_does(saved):
+    """transformers' common test_eager_matches_sdpa_inference (its output_attentions=True cases, the three that
+    failed while we raised): a model loaded with SDPA and one switched to eager, given output_attentions=True and
+    output_hidden_states=True on a batch of 7, agree on the last hidden state. SDPA never forms the weights:
+    transformers logs that and the backbone returns none, as CLIPVisionModel does."""
+    _, folder = saved
+    sdpa = SoftBioModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    clip = sdpa.backbone  # the library's own model, for what it returns
+    inputs = {"pixel_values": pixels(7), "output_attentions": True, "output_hidden_states": True}
+    with torch.no_grad():
+        out_eager, out_sdpa = eager(**inputs), sdpa(**inputs)
+        clip_out = clip(**inputs)
+    torch.testing.assert_close(out_sdpa.hidden_states[-1], out_eager.hidden_states[-1], rtol=1e-4, atol=1e-6)
+    for task, logits in out_eager.logits.items():
+        torch.testing.assert_close(out_sdpa.logits[task], logits, rtol=1e-4, atol=1e-5)
+    assert len(out_eager.attentions) == LAYERS
+    assert tuple(out_sdpa.attentions) == tuple(clip_out.attentions) == ()
 
 
 def test_return_dict_false_gives_a_tuple_in_field_order(tiny_model):
@@ -202,3 +222,39 @@ def test_a_load_with_no_weights_at_all_initialises_everything_as_transformers_do
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all(), name
     assert all(head.classifier.weight.abs().sum() > 0 for head in model.heads.values())
+
+
+@contextlib.contextmanager
+def seeded_weight_init():
+    """As transformers' tests do: the same seed before each module's initialisation, so that two ways of building
+    the model must give bit-identical weights when every weight goes through `_init_weights`."""
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(self, module, *args, **kwargs):
+        set_seed(0)
+        original(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = seeded
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"pooling": "cls", "loss_weighting": "sum"}, {"head_hidden_size": 8}, {"projection_dim": None}],
+    ids=["attention-uncertainty", "cls-sum", "mlp-heads", "no-projection"],
+)
+def test_can_init_all_missing_weights(overrides):
+    """transformers' common test of that name, reproduced (its suite is not in the wheel): a model built by
+    __init__ and one loaded from an empty state dict (built on the meta device, then initialised by
+    `_init_weights` alone) hold the same weights, bit for bit. CLIP's q/k/v/out and fc1/fc2 used to differ."""
+    with seeded_weight_init():
+        from_init = SoftBioModel(config(**overrides))
+        from_meta = SoftBioModel.from_pretrained(None, config=config(**overrides), state_dict={})
+    assert not [k for k, v in [*from_meta.named_parameters(), *from_meta.named_buffers()] if v.device.type == "meta"]
+    loaded = from_meta.state_dict()
+    assert sorted(loaded) == sorted(from_init.state_dict())
+    different = [k for k, v in from_init.state_dict().items() if not (v == loaded[k]).all()]
+    assert different == []

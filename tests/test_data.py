@@ -27,6 +27,8 @@ from train.readers import age_to_bin, fairface_from_hub
 from train.sampling import Balancing, balanced_sampler, balanced_weights
 from train.schema import IGNORE
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def rows_by_split(splits) -> dict[str, int]:
     return {name: len(part) for name, part in splits.items()}
@@ -196,8 +198,8 @@ def test_stats_tables_and_cli(tmp_path, capsys):
     assert "train split: 5 rows (rafdb 5)" in table and "draw %" in table and "happy" in table
 
 
-# The study's training mix (Table 4.2): samples per class and the "Weighted %" column.
-TABLE_4_2 = {
+# The study's training-mix table (unnumbered in its slides): samples per class and the "Weighted %" column.
+TRAINING_MIX = {
     "age": (
         [2935, 15699, 16032, 29784, 24462, 17976, 14413, 10618, 4828],
         [6.63, 11.31, 11.36, 16.37, 14.56, 12.14, 10.89, 9.44, 7.31],
@@ -208,12 +210,12 @@ TABLE_4_2 = {
 
 
 def study_mix(out: Path, scale: int = 10) -> Path:
-    """A prepared folder with Table 4.2's class proportions (counts / scale): age + gender rows (as UTKFace and
-    FairFace) and emotion-only rows (as RAF-DB), one tiny image shared by all."""
+    """A prepared folder with the training-mix table's class proportions (counts / scale): age + gender rows (as
+    UTKFace and FairFace) and emotion-only rows (as RAF-DB), one tiny image shared by all."""
     rng = np.random.default_rng(0)
-    ages = np.repeat(np.arange(9), [round(n / scale) for n in TABLE_4_2["age"][0]])
-    emotions = np.repeat(np.arange(7), [round(n / scale) for n in TABLE_4_2["emotion"][0]])
-    male_share = TABLE_4_2["gender"][0][0] / sum(TABLE_4_2["gender"][0])
+    ages = np.repeat(np.arange(9), [round(n / scale) for n in TRAINING_MIX["age"][0]])
+    emotions = np.repeat(np.arange(7), [round(n / scale) for n in TRAINING_MIX["emotion"][0]])
+    male_share = TRAINING_MIX["gender"][0][0] / sum(TRAINING_MIX["gender"][0])
     genders = (rng.random(len(ages)) > male_share).astype(int)  # independent of age, as in the data
     n_age, n_emotion = len(ages), len(emotions)
     buffer = io.BytesIO()
@@ -233,14 +235,18 @@ def study_mix(out: Path, scale: int = 10) -> Path:
     return out
 
 
-def test_stats_of_the_study_config_give_table_4_2_weighted_column_and_the_sampler_draws_it(tmp_path, capsys):
+def test_stats_of_the_study_config_give_the_training_mix_weighted_column_and_the_sampler_draws_it(tmp_path, capsys):
     folder = study_mix(tmp_path / "mix")
     assert main(["stats", str(folder), "--config", "train/configs/lora.yaml", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["balancing"]["class_balance"] == "mix" and result["balancing"]["class_mix"] == 0.5
     for task in ("age", "emotion"):
         draw = [row["draw_share"] for row in result["classes"][task]]
-        assert np.allclose(draw, TABLE_4_2[task][1], atol=0.5), (task, draw)
+        assert np.allclose(draw, TRAINING_MIX[task][1], atol=0.5), (task, draw)
+    # task_alpha 0.5 (ours, not the study's) triples emotion's draws: docs/STUDY.md and the configs say by how much
+    emotion = result["coverage"]["emotion"]
+    said = f"from {emotion['share']:.1f}% of the rows to {emotion['draw_share']:.1f}% of the draws"
+    assert said == "from 6.3% of the rows to 19.1% of the draws" and said in (REPO / "docs" / "STUDY.md").read_text()
     # a long draw of the training sampler lands on draw_share, to sampling noise (5 sigma)
     dataset = load_from_disk(str(folder))["train"]
     draws = 400_000

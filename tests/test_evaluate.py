@@ -213,13 +213,14 @@ def test_compare_prints_one_row_per_run_and_the_difference(tmp_path, capsys):
 def test_a_folder_that_is_not_prepared_names_the_command(tmp_path, tiny_clip_dir, capsys):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "photo.jpg").write_bytes(b"x")
-    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", tmp_path / "raw") == 2
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", tmp_path / "raw", "--out", tmp_path / "eval") == 2
     error = capsys.readouterr().err
     assert "not a prepared dataset" in error and "photo.jpg" in error and "python -m train.data prepare" in error
 
 
-def test_a_missing_split_is_named(prepared, tiny_clip_dir, capsys):
-    assert run_cli("--model", f"clip:{tiny_clip_dir}", "--data", prepared["rafdb"], "--split", "val") == 2
+def test_a_missing_split_is_named(prepared, tiny_clip_dir, tmp_path, capsys):
+    args = ("--data", prepared["rafdb"], "--split", "val", "--out", tmp_path / "eval")  # never outputs/ here
+    assert run_cli("--model", f"clip:{tiny_clip_dir}", *args) == 2
     error = capsys.readouterr().err
     assert "no 'val' split" in error and "['test', 'train', 'validation']" in error
 
@@ -233,11 +234,13 @@ def test_a_model_with_other_labels_is_refused(prepared, tiny_config, tmp_path, c
         tasks={"gender": ["female", "male"]},
     )
     SoftBioModel(config).save_pretrained(tmp_path / "swapped")
-    assert run_cli("--model", tmp_path / "swapped", "--data", prepared["fairface"], "--split", "train") == 2
+    args = ("--data", prepared["fairface"], "--split", "train", "--out", tmp_path / "eval")
+    assert run_cli("--model", tmp_path / "swapped", *args) == 2
     error = capsys.readouterr().err
     assert "'gender'" in error and "['female', 'male']" in error and "['male', 'female']" in error
 
 
 def test_an_unloadable_model_says_what_to_pass(prepared, tmp_path, capsys):
-    assert run_cli("--model", tmp_path / "nothing-here", "--data", prepared["rafdb"], "--split", "train") == 2
+    args = ("--data", prepared["rafdb"], "--split", "train", "--out", tmp_path / "eval")
+    assert run_cli("--model", tmp_path / "nothing-here", *args) == 2
     assert "clip:ID_OR_FOLDER" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = {
     "configuration_softbio.py",
     "modeling_softbio.py",
+    "checkpoint_files.py",
     "methods.py",
     "mtlora.py",
     "pipeline_softbio.py",
@@ -297,3 +299,23 @@ def test_the_card_names_a_hub_base_model_never_a_local_path(tmp_path):
     (tmp_path / "clip").mkdir()
     for local in (str(tmp_path / "clip"), "./clip", "../models/clip", "/abs/missing/clip", None):
         assert hub_repo_id(local) is None, local
+
+
+@pytest.mark.parametrize("listed", ["../../escape.txt", "/etc/hostname", "sub/plot.png", ""])
+def test_plot_paths_read_from_results_never_leave_their_folders(evaluated, tmp_path, capsys, listed):
+    """results.json is read, not trusted: a plot listed as a path is refused before anything is written, so a
+    dry run cannot overwrite (or an upload carry) a file outside the folders given."""
+    victim = tmp_path / "escape.txt"
+    victim.write_text("mine")
+    results = json.loads((evaluated / "eval" / "results.json").read_text())
+    results["plots"] = [*results["plots"], listed]
+    (tmp_path / "a" / "eval").mkdir(parents=True)
+    (tmp_path / "a" / "eval" / "results.json").write_text(json.dumps(results))
+    for name in results["plots"][:-1]:
+        shutil.copy(evaluated / "eval" / name, tmp_path / "a" / "eval" / name)
+    out = tmp_path / "a" / "out"  # out/eval/../../escape.txt is tmp_path/a/escape.txt; from eval/ it is tmp_path's
+    args = ["push", "--model", str(evaluated / "best"), "--repo-id", "me/x", "--dry-run", "--out", str(out)]
+    assert hub.main([*args, "--results", str(tmp_path / "a" / "eval" / "results.json")]) == 2
+    error = capsys.readouterr().err
+    assert f"lists the plot {listed!r}, which is not a file name beside it" in error and "Traceback" not in error
+    assert victim.read_text() == "mine" and not out.exists()

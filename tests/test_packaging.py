@@ -123,18 +123,23 @@ def test_the_package_without_extras_runs_the_pipeline_and_the_batch_command(tiny
     assert header.startswith("index,source,face,faces,status") and ",ok," in first
 
 
-def test_an_extra_that_is_missing_is_named_with_the_install_command(tmp_path):
+def test_an_extra_that_is_missing_is_named_with_the_install_command_before_any_work(tmp_path):
+    """A .parquet table without pyarrow is refused when the command starts (it used to fail after all the work)."""
     from remote import run_isolated
 
     script = (
-        "import runpy, sys\nsys.modules['pyarrow'] = None\nsys.modules['pyarrow.parquet'] = None\n"
-        "sys.argv = ['x', 'photo.jpg', '--model', 'm', '--out', 'rows.parquet']\n"
-        "from softbio_hf.predict import PredictError, write_output\n"
-        "try:\n    write_output(__import__('pathlib').Path('rows.parquet'), [], ['index'])\n"
-        "except PredictError as error:\n    print(error)\n"
+        "import contextlib, io, sys\nsys.modules['pyarrow'] = None\nsys.modules['pyarrow.parquet'] = None\n"
+        "sys.argv = ['-m']  # as while Python locates `-m softbio_hf.predict`: no model registered, no torch\n"
+        "from softbio_hf.predict import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as said:\n"
+        "    code = main(['photo.jpg', '--model', 'no-such-model', '--out', 'rows.PARQUET'])\n"
+        "print('exit', code, said.getvalue(), 'torch imported:', 'torch' in sys.modules)\n"
     )
     said = run_isolated(tmp_path, script, pythonpath=str(REPO))
-    assert "a .parquet table needs pyarrow" in said and "pip install 'softbio[train]'" in said
+    assert "exit 2" in said and "--out rows.PARQUET (a .parquet table) needs pyarrow" in said
+    assert "pip install 'softbio[train]'" in said
+    assert "torch imported: False" in said  # refused before the model, or torch, is touched
+    assert not list(tmp_path.glob("rows*"))
 
 
 def test_the_batch_commands_help_and_argument_errors_answer_without_torch(tmp_path):
@@ -158,3 +163,9 @@ def test_the_batch_commands_help_and_argument_errors_answer_without_torch(tmp_pa
     )
     assert "exit 2" in result.stdout and "torch imported: False" in result.stdout, result.stdout + result.stderr
     assert "cannot write .txt" in result.stderr
+
+
+def test_ci_installs_system_packages_without_their_recommends():
+    """apt's recommends pull in hundreds of MB the tests never use (a desktop's worth with chromium)."""
+    installs = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "apt-get install" in line]
+    assert len(installs) == 2 and all("--no-install-recommends" in line for line in installs), installs

@@ -230,3 +230,79 @@ def test_help_explains_each_option(capsys):
         "--probabilities",
     ):
         assert option in text
+
+
+@pytest.mark.parametrize("suffix", [".CSV", ".JsonL"])
+def test_the_format_is_the_suffix_in_any_case_and_resume_reads_it_back(photos, model_dir, tmp_path, suffix):
+    out = tmp_path / f"faces{suffix}"
+    run([photos / "real"], model_dir, out)
+    first = out.read_text()
+    assert first.startswith("index,source,face") if suffix == ".CSV" else json.loads(first.splitlines()[0])
+    stats = run([photos / "real"], model_dir, out, resume=True)  # the finished table is read back in its format
+    assert stats["photos"] == 0 and out.read_text() == first
+
+
+def place(tmp_path: Path, case: str) -> list[str]:
+    """Arguments naming an output that cannot be written, set up in tmp_path."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "faces.csv.parts").write_text("a file where the rows would wait")
+    return {
+        "tracks is out": ["--out", f"{tmp_path}/faces.jsonl", "--tracks", f"{tmp_path}/x/../faces.jsonl"],
+        "under a file": ["--out", f"{tmp_path}/notes.txt/faces.csv"],
+        "deeper under a file": ["--out", f"{tmp_path}/notes.txt/a/b/faces.csv"],
+        "tracks under a file": ["--out", f"{tmp_path}/f.csv", "--tracks", f"{tmp_path}/notes.txt/t.csv"],
+        "parts is a file": ["--out", f"{tmp_path}/faces.csv"],
+    }[case]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("tracks is out", "is --out too: the track table would replace the faces; give another"),
+        ("under a file", "cannot be written: {tmp}/notes.txt is a file, not a folder. Choose --out in a folder"),
+        ("deeper under a file", "cannot be written: {tmp}/notes.txt is a file, not a folder"),
+        ("tracks under a file", "--tracks {tmp}/notes.txt/t.csv cannot be written: {tmp}/notes.txt is a file"),
+        ("parts is a file", "{tmp}/faces.csv.parts (where rows wait) is a file; move it away"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_named_before_any_work(model_dir, tmp_path, capsys, case, message):
+    args = place(tmp_path, case)
+    assert main([str(REPO / "examples"), "--model", str(model_dir), *args]) == 2
+    error = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in error and "Traceback" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.csv.parts", "notes.txt"]  # nothing written
+
+
+def test_a_read_only_folder_is_named_before_any_work(tmp_path):
+    from remote import unprivileged
+
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    shelf.chmod(0o555)
+    command = [*unprivileged(), sys.executable, "-m", "softbio_hf.predict", "x.jpg", "--model", "m"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        for option in (["--out", str(shelf / "faces.csv")], ["--out", "f.csv", "--tracks", str(shelf / "t.csv")]):
+            result = subprocess.run([*command, *option], cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert f"{option[-1]} cannot be written: the folder {shelf} is read-only" in result.stderr
+    finally:
+        shelf.chmod(0o755)
+    assert list(shelf.iterdir()) == []
+
+
+def test_a_lists_relative_paths_start_at_its_folder_and_a_missing_one_shows_where_it_was_looked_for(
+    model_dir, tmp_path, monkeypatch
+):
+    shelf = tmp_path / "shelf"
+    (shelf / "sub").mkdir(parents=True)
+    shutil.copy(REPO / "examples" / "grace_hopper.jpg", shelf / "sub" / "grace.jpg")
+    (shelf / "list.txt").write_text("sub/grace.jpg\nsub/missing.jpg\n")
+    monkeypatch.chdir(tmp_path)  # not the list's folder
+    run([shelf / "list.txt"], model_dir, tmp_path / "faces.csv", num_workers=0)
+    found, missing = rows_of(tmp_path / "faces.csv")
+    assert (found["source"], found["status"]) == ("sub/grace.jpg", "ok")
+    assert missing["status"] == (
+        f"error: 'sub/missing.jpg' (read as {shelf / 'sub' / 'missing.jpg'}: a list's relative paths start at the "
+        "list's folder): no such image file; check the path."
+    )

@@ -196,7 +196,8 @@ def test_the_heads_width_is_a_training_setting(synthetic, tiny_clip_dir, tmp_pat
     linear = load_config("lp", settings(synthetic, tiny_clip_dir, tmp_path / "x", **{"model.head_hidden_size": 0}))
     assert isinstance(build_model(linear).heads["age"].hidden, torch.nn.Identity)
     # zero-shot heads are text embeddings: linear only, said before any work
-    assert main(["--config", "zs", "--set", "model.head_hidden_size=64", f"model.backbone={tiny_clip_dir}"]) == 2
+    refused = ["model.head_hidden_size=64", f"model.backbone={tiny_clip_dir}", f"output_dir={tmp_path / 'zs'}"]
+    assert main(["--config", "zs", "--set", *refused]) == 2  # its output_dir under tmp_path: never runs/zs/
     assert "zero-shot heads are CLIP text embeddings" in capsys.readouterr().err
 
 

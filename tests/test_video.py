@@ -134,3 +134,30 @@ def test_faces_of_many_frames_share_forward_passes(pipe, clip, monkeypatch):
     result = pipe(str(clip[0]), detector="haar")
     faces = sum(len(frame["faces"]) for frame in result["frames"])
     assert max(sizes) > 8 and len(sizes) < faces / 4  # batched across frames, not one pass per face
+
+
+def test_a_video_block_torn_after_its_first_track_row_is_done_again_on_resume(pipe, clip, tmp_path):
+    """A crash while a video's block is written (its face rows, then one row per track) leaves a part file that
+    ends mid-block; --resume must analyse that video again, not take the face rows and one track as complete."""
+    import json
+
+    from softbio_hf.predict import Source, block_text, main, video_rows
+
+    pipe.model.save_pretrained(tmp_path / "model")
+    argv = [str(clip[0]), "--model", str(tmp_path / "model"), "--detector", "haar", "--num-workers", "0"]
+    argv += ["--dtype", "float32"]
+    assert main([*argv, "--out", str(tmp_path / "straight.jsonl"), "--tracks", str(tmp_path / "t1.jsonl")]) == 0
+
+    rows = video_rows(pipe, Source(0, str(clip[0]), str(clip[0])), {"detector": "haar"}, pipe.model.config.tasks, False)
+    lines = block_text(rows).splitlines(keepends=True)
+    first_track = next(i for i, row in enumerate(rows) if row.get("kind") == "track")
+    assert len(rows) - first_track == 2  # two tracks: the block is cut between them, with half a line after
+    torn = "".join(lines[: first_track + 1]) + lines[first_track + 1][:25]
+    out = tmp_path / "resumed.jsonl"
+    (tmp_path / "resumed.jsonl.parts").mkdir()
+    (tmp_path / "resumed.jsonl.parts" / "part-000.jsonl").write_text(torn)
+    assert main([*argv, "--out", str(out), "--tracks", str(tmp_path / "t2.jsonl"), "--resume"]) == 0
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    tracks = [json.loads(line) for line in (tmp_path / "t2.jsonl").read_text().splitlines()]
+    assert tracks == [json.loads(line) for line in (tmp_path / "t1.jsonl").read_text().splitlines()]
+    assert len(tracks) == 2

@@ -41,7 +41,12 @@ def checkpoint_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise HubError(f"--model {folder}: no config.json there; pass a folder written by save_pretrained.")
-    config = json.loads(path.read_text())
+    from softbio_hf.checkpoint_files import CheckpointFileError, read_config_json
+
+    try:
+        config = read_config_json(path)
+    except CheckpointFileError as error:
+        raise HubError(f"--model {error}") from None
     if config.get("model_type") != "softbio":
         raise HubError(
             f"--model {folder} is a {config.get('model_type')!r} checkpoint, not a softbio one. Build a softbio model "
@@ -88,6 +93,21 @@ def load_results(path: Path | None, tasks: Mapping[str, list[str]]) -> dict[str,
     return results
 
 
+def plot_beside(results_path: Path, name: Any) -> Path:
+    """A plot that results.json lists: a file name beside it, never a path. Paths read from a file are not
+    trusted: `../../x` or `/etc/x` would read, and with --dry-run write, outside the folders given."""
+    folder = results_path.parent
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise HubError(
+            f"--results {results_path} lists the plot {name!r}, which is not a file name beside it; plots are "
+            "listed by name (as train.evaluate writes them). Fix the file or write it again with train.evaluate."
+        )
+    source = folder / name
+    if source.is_symlink() and not source.resolve().is_relative_to(folder.resolve()):
+        raise HubError(f"--results {results_path}: the plot {name!r} links outside {folder}; copy the file there.")
+    return source
+
+
 def training_summary(model_dir: Path) -> dict[str, Any] | None:
     """summary.json that python -m train.train writes beside best/, when the checkpoint came from there."""
     path = model_dir.parent / "summary.json"
@@ -100,6 +120,7 @@ def stage_model(
     """Write the folder that is uploaded: weights, config, remote code, image processor, card, evaluation, and
     with `export` the ONNX and OpenVINO artifacts (softbio_hf.export) in onnx/ and openvino/."""
     from softbio_hf import SoftBioModel
+    from softbio_hf.checkpoint_files import CheckpointFileError
     from softbio_hf.modeling_softbio import refuse_untrained_heads
 
     config = checkpoint_config(model_dir)
@@ -109,7 +130,11 @@ def stage_model(
             "load). Merge them first: pass --merge, or call model.merge_adapters() and save_pretrained."
         )
     results = load_results(results_path, config.get("tasks") or {})
-    model = SoftBioModel.from_pretrained(model_dir)
+    plots = [plot_beside(results_path, name) for name in results.get("plots", [])] if results else []
+    try:
+        model = SoftBioModel.from_pretrained(model_dir)
+    except CheckpointFileError as error:
+        raise HubError(f"--model {error}") from None
     try:
         refuse_untrained_heads(model)
     except ValueError as error:
@@ -126,16 +151,14 @@ def stage_model(
             export_model(model, out, checkpoint=out)  # beside the weights just saved: their digest
         except (ExportError, ImportError) as error:
             raise HubError(f"--export: {error}") from None
-    plots = []
     if results is not None:
         (out / "eval").mkdir(exist_ok=True)
         (out / "eval" / "results.json").write_text(json.dumps(results, indent=2))
-        for name in results.get("plots", []):
-            source = Path(results_path).parent / name
-            if source.is_file():
-                shutil.copy(source, out / "eval" / name)
-                plots.append(f"eval/{name}")
-    card = model_card(model.config, repo_id, results, training_summary(model_dir), plots, exported=export)
+        plots = [source for source in plots if source.is_file()]
+        for source in plots:
+            shutil.copy(source, out / "eval" / source.name)
+    shown = [f"eval/{source.name}" for source in plots]
+    card = model_card(model.config, repo_id, results, training_summary(model_dir), shown, exported=export)
     card.save(out / "README.md")
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
