@@ -20,7 +20,8 @@ class Balancing:
     How training draws its rows (the `data` section of a training config).
 
     Within each task, class c gets a target share of the draws labelled for that task:
-    - `mix` (the "Weighted %" column of the study's training-mix table): (1 - class_mix) x share_c + class_mix / K, K the classes present;
+    - `mix` (the "Weighted %" column of the study's training-mix table): (1 - class_mix) x share_c +
+      class_mix / K, K the classes present;
     - `power`: n_c^(1 - class_alpha), normalised (0: as the data comes, 1: uniform).
     Across tasks, task t's rows start in proportion to N_t^(1 - task_alpha) (0: as the data comes, 1: balanced).
     """
