@@ -15,6 +15,7 @@ from PIL import Image
 from serving import app_run_to_exit, find_chromium, running_app
 from tiny import TINY_VISION
 
+from softbio_demo import analysis, models, uploads
 from softbio_hf import SoftBioConfig, SoftBioModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,37 @@ def test_a_crafted_path_outside_the_uploads_is_refused_and_left_alone(app, tmp_p
 def test_a_payload_of_the_wrong_kind_gets_the_reason_and_how_to_call(app, payload):
     status, answer = refused_api_call(app["url"], [payload, "haar", 0])
     assert status == 422 and "handle_file('photo.jpg')" in answer and "pydantic" not in answer
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/tmp/" + "a" * 5000 + ".jpg", "5009 characters long, over the 1024"),
+        ("/tmp/" + "/".join(["b" * 300] * 3) + ".jpg", "not an upload of this demo"),  # each part too long
+        ("/tmp/photo\x00.jpg", "NUL byte"),
+    ],
+)
+def test_a_path_the_file_system_refuses_gets_a_4xx_with_the_reason(app, path, reason):
+    crafted = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "x.jpg"}
+    status, answer = refused_api_call(app["url"], [crafted, "haar", 0])
+    assert status == 422 and reason in answer and "Traceback" not in answer
+    assert "Traceback" not in app["log"].read_text()
+
+
+def test_without_the_demo_extra_the_app_says_what_to_install(tmp_path):
+    """The library installed alone has no starlette or gradio: a run names the extra instead of a traceback."""
+    import subprocess
+
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['starlette'] = None  # as where only softbio (no [demo]) is installed\n"
+        f"sys.argv = ['app.py', '--model', {str(tmp_path)!r}]\n"
+        f"runpy.run_path({str(REPO / 'app.py')!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert "the demo needs starlette" in result.stderr and 'pip install "softbio[demo]"' in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def refused_api_call(url: str, data: list) -> tuple[int, str]:
@@ -229,16 +261,13 @@ def test_offline_without_a_model_says_what_to_pass(tmp_path):
 
 
 def test_default_model_is_built_once_then_loaded_from_the_cache(tiny_clip_dir, tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO))
-    import app as app_module
-
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(app_module, "DEFAULT_CLIP", str(tiny_clip_dir))
-    built, name = app_module.load_model(None)
-    cached = app_module.zero_shot_cache_dir(str(tiny_clip_dir), tiny_clip_dir / "config.json")
+    monkeypatch.setattr(models, "DEFAULT_CLIP", str(tiny_clip_dir))
+    built, name = models.load_model(None)
+    cached = models.zero_shot_cache_dir(str(tiny_clip_dir), tiny_clip_dir / "config.json")
     assert (cached / "model.safetensors").is_file() and "zero-shot" in name
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
-    again, name = app_module.load_model(None)
+    again, name = models.load_model(None)
     assert "cached" in name
     assert torch.equal(again.heads["age"].classifier.weight, built.heads["age"].classifier.weight)
 
@@ -347,22 +376,18 @@ def test_browser_analyses_a_clip_in_the_video_tab(app, tmp_path):
             browser.close()
 
 
-def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path):
+def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path, monkeypatch):
     from clips import make_clip
 
-    app_module = import_app()
     make_clip(tmp_path / "walk.mp4")  # 3 s
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
-    pipe = app_module.build_pipeline(model)
-    html, tracks = app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
+    pipe = models.build_pipeline(model)
+    html, tracks = analysis.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
     assert len(tracks) == 2 and html.count('class="sb-track"') == 2
-    app_module.VIDEO_MAX_SECONDS = 1.0
-    try:
-        with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
-            app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
-    finally:
-        app_module.VIDEO_MAX_SECONDS = 60.0
+    monkeypatch.setattr(analysis, "VIDEO_MAX_SECONDS", 1.0)
+    with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
+        analysis.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
 
 
 def next_result(page, start) -> str:
@@ -375,20 +400,12 @@ def next_result(page, start) -> str:
     return page.inner_text("#sb-result")
 
 
-def import_app():
-    sys.path.insert(0, str(REPO))
-    import app as app_module
-
-    return app_module
-
-
 def test_a_clip_checkpoint_becomes_the_zero_shot_model_built_once(tiny_clip_dir, tmp_path, monkeypatch):
-    app_module = import_app()
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
-    model, name = app_module.load_model(str(tiny_clip_dir))
+    model, name = models.load_model(str(tiny_clip_dir))
     assert name == f"zero-shot {tiny_clip_dir}" and model.config.zero_shot_source == str(tiny_clip_dir)
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
-    _, name = app_module.load_model(str(tiny_clip_dir))
+    _, name = models.load_model(str(tiny_clip_dir))
     assert "cached" in name
 
 
@@ -397,7 +414,6 @@ def test_the_zero_shot_cache_knows_a_clip_folder_by_what_it_is(tiny_clip_dir, tm
     re-saved in place is built again."""
     from tiny import make_tiny_clip
 
-    app_module = import_app()
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
 
     def weights(model):
@@ -409,24 +425,22 @@ def test_the_zero_shot_cache_knows_a_clip_folder_by_what_it_is(tiny_clip_dir, tm
         expected[place] = weights(SoftBioModel.from_clip(tmp_path / place / "clip"))
     for place in ("a", "b"):
         monkeypatch.chdir(tmp_path / place)
-        assert torch.equal(weights(app_module.load_model("clip")[0]), expected[place]), place
+        assert torch.equal(weights(models.load_model("clip")[0]), expected[place]), place
     make_tiny_clip(tmp_path / "b" / "clip", seed=3)  # saved again in place
-    model, name = app_module.load_model("clip")
+    model, name = models.load_model("clip")
     assert "cached" not in name and not torch.equal(weights(model), expected["b"])
 
 
 def test_a_missing_folder_is_said_to_be_missing(tmp_path):
-    app_module = import_app()
-    with pytest.raises(app_module.ModelUnavailable, match=r"no such folder"):
-        app_module.load_model(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(models.ModelUnavailable, match=r"no such folder"):
+        models.load_model(str(tmp_path / "missing" / "dir"))
 
 
 def test_a_checkpoint_of_another_kind_is_refused_with_the_reason(tmp_path):
-    app_module = import_app()
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(app_module.ModelUnavailable, match=r"a 'bert' checkpoint.*softbio checkpoint.*CLIP"):
-        app_module.load_model(str(tmp_path / "bert"))
+    with pytest.raises(models.ModelUnavailable, match=r"a 'bert' checkpoint.*softbio checkpoint.*CLIP"):
+        models.load_model(str(tmp_path / "bert"))
 
 
 def test_an_unreachable_hub_fails_at_once_and_says_what_to_pass(tmp_path):
@@ -457,28 +471,33 @@ def test_the_api_names_its_inputs_and_output(app):
     endpoint = api["named_endpoints"]["/analyze"]
     assert [p["label"] for p in endpoint["parameters"]] == ["image", "detector", "threshold"]
     assert [r["label"] for r in endpoint["returns"]] == ["faces"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == ["payload", "detector", "threshold"]  # what a keyword call must say
+    assert f"(inputs {', '.join(f'`{name}`' for name in names)}; output `faces`)" in (REPO / "README.md").read_text()
+    photo = handle_file(str(REPO / "examples" / "astronaut.jpg"))
+    faces = Client(app["url"], verbose=False).predict(payload=photo, detector="haar", threshold=0, api_name="/analyze")
+    assert len(faces) == 1  # the README's keyword call, as written there
 
 
 def test_upload_records_expire_stay_bounded_and_open_the_examples_to_all(tmp_path, monkeypatch):
-    app_module = import_app()
     example = tmp_path / "example.jpg"
     example.write_bytes(b"public example bytes")
-    owners = app_module.UploadOwners(max_age_s=60, examples=[example], max_requesters=2)
+    owners = uploads.UploadOwners(max_age_s=60, examples=[example], max_requesters=2)
     mine, theirs = tmp_path / "mine.jpg", tmp_path / "theirs.jpg"
     owners.record("cookie:a", [str(mine)])
     assert owners.owns("cookie:a", mine, b"x") and not owners.owns("cookie:b", mine, b"x")
     assert owners.owns("cookie:b", theirs, b"public example bytes")  # any copy of an example, by content
 
     clock = [1000.0]
-    monkeypatch.setattr(app_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(uploads.time, "monotonic", lambda: clock[0])
     owners.record("cookie:a", [str(theirs)])
     clock[0] += 61
     assert not owners.owns("cookie:a", theirs, b"x")  # expired with gradio's cache
-    monkeypatch.setattr(app_module, "MAX_UPLOADS_PER_REQUESTER", 3)
+    monkeypatch.setattr(uploads, "MAX_UPLOADS_PER_REQUESTER", 3)
     owners.record("cookie:a", [str(tmp_path / f"{i}.jpg") for i in range(5)])
     assert [owners.owns("cookie:a", tmp_path / f"{i}.jpg", b"x") for i in range(5)] == [False, False, True, True, True]
     owners.record("cookie:b", [str(mine)])
     owners.record("cookie:c", [str(mine)])  # a third requester: the least recent one (a) is dropped
     assert not owners.owns("cookie:a", tmp_path / "4.jpg", b"x") and owners.owns("cookie:c", mine, b"x")
-    assert app_module.requester_key({"softbio_uploader": "x" * 32}, "10.0.0.1") == "cookie:" + "x" * 32
-    assert app_module.requester_key({"softbio_uploader": "short"}, "10.0.0.1") == "address:10.0.0.1"
+    assert uploads.requester_key({"softbio_uploader": "x" * 32}, "10.0.0.1") == "cookie:" + "x" * 32
+    assert uploads.requester_key({"softbio_uploader": "short"}, "10.0.0.1") == "address:10.0.0.1"
