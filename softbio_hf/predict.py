@@ -605,14 +605,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if "rows" in stats:
         clips = (
-            f" (of them {stats['clips']} clips: {stats['clip_frames']} frames analysed, {stats['clip_faces']} faces"
-            + (f", {stats['truncated']} cut short" if stats["truncated"] else "")
+            f" and {stats['clips']} clips ({stats['clip_frames']} frames analysed, {stats['clip_faces']} faces"
+            + (f"; {stats['truncated']} cut short" if stats["truncated"] else "")
             + ")"
             if stats.get("clips")
             else ""
         )
         print(
-            f"{stats['photos']} photos this run{clips}: {stats['faces']} faces, {stats['no_face']} without a face, "
+            f"{stats['photos']} photos{clips} this run: {stats['faces']} faces, {stats['no_face']} without a face, "
             f"{stats['errors']} unreadable; {stats['rows']} rows in {args.out} ({stats['seconds']} s)"
         )
     return 0

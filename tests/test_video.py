@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,36 @@ def test_each_track_has_an_emotion_timeline_of_its_frames(analysed):
             {k: v for k, v in point.items() if k not in ("time_s", "frame")} == face["emotion"]["scores"]
             for point, face in zip(track["timeline"], faces, strict=True)
         )
+
+
+def test_the_batch_command_writes_timelines_counts_clip_frames_and_flags_a_cut_clip(pipe, crossing, tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    from softbio_hf.predict import main as predict
+
+    pipe.model.save_pretrained(tmp_path / "model")
+    cut = tmp_path / "cut.mp4"
+    write_solid_clip(cut, seconds=7.5, movflags="faststart")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out, timeline = tmp_path / "faces.csv", tmp_path / "timeline"
+    argv = [str(crossing[0]), str(cut), "--model", str(tmp_path / "model"), "--detector", "haar"]
+    argv += ["--num-workers", "0", "--dtype", "float32", "--out", str(out), "--timeline", str(timeline)]
+    assert predict(argv) == 0
+    summary = capsys.readouterr().out
+    analysed = pipe(str(crossing[0]), detector="haar")
+    frames = len(analysed["frames"]) + len(pipe(str(cut), detector="haar")["frames"])  # up to where it stops
+    faces = sum(len(entry["faces"]) for entry in analysed["frames"])  # the cut clip's solid frames have none
+    counts = re.search(r"0 photos and 2 clips \((\d+) frames analysed, (\d+) faces; 1 cut short\) this run", summary)
+    assert counts, summary
+    assert (int(counts[1]), int(counts[2])) == (frames, faces)
+    rows = list(csv.DictReader(out.open()))
+    assert {r["status"] for r in rows if r["source"] == str(crossing[0])} == {"ok"}
+    assert [r["status"][:10] for r in rows if r["source"] == str(cut)] == ["truncated:"]
+    for track in analysed["tracks"]:
+        stem = timeline / f"00000-crossing-track{track['track_id']}"
+        assert Image.open(stem.with_suffix(".png")).size == (520, 200)
+        table = list(csv.DictReader(stem.with_suffix(".csv").open()))
+        assert [float(r["time_s"]) for r in table] == [p["time_s"] for p in track["timeline"]]
+        assert float(table[0]["happy"]) == pytest.approx(track["timeline"][0]["happy"], abs=1e-6)
