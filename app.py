@@ -14,7 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-from softbio_demo.analysis import VIDEO_FPS, VIDEO_MAX_FRAMES, VIDEO_MAX_SECONDS, analyze_bytes, analyze_clip
+from softbio_demo.analysis import (
+    LIVE_RESET_S,
+    VIDEO_FPS,
+    VIDEO_MAX_FRAMES,
+    VIDEO_MAX_SECONDS,
+    analyze_bytes,
+    analyze_clip,
+    analyze_live_frame,
+)
 from softbio_demo.models import DEFAULT_CLIP, ModelUnavailable, build_pipeline, compile_for_serving, load_model
 from softbio_demo.render import CSS, annotate, result_html
 from softbio_demo.uploads import (
@@ -80,16 +88,16 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         _, name = read_upload(upload_path(video), requester_of(request), owners)  # the requester's own upload
         return analyze_clip(pipe, upload_path(video), name, detector, threshold)
 
-    def analyze_frame(frame, detector, threshold, request: gr.Request):
+    def analyze_frame(frame, detector, threshold, session, request: gr.Request):
+        """A webcam frame, tracked with this browser session's earlier frames (its own tracker, in gr.State)."""
         if not frame:
-            return ""
+            return "", session
         url = frame.get("url") if isinstance(frame, dict) else None
         if isinstance(url, str) and url.startswith("data:"):
-            data, name = data_url_bytes(url), "webcam frame"
+            data = data_url_bytes(url)
         else:
-            data, name = read_upload(upload_path(frame), requester_of(request), owners)
-        rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
-        return result_html(annotate(rgb, faces), faces)
+            data, _ = read_upload(upload_path(frame), requester_of(request), owners)
+        return analyze_live_frame(pipe, session, data, detector, threshold)
 
     def analyze_api(payload, detector="auto", threshold=0.0, request: gr.Request = None):
         """Every face in the image: box, age group (and years), gender and emotion, with probabilities."""
@@ -114,10 +122,20 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
                     run_clip = gr.Button("Analyze clip", variant="primary", elem_id="analyze-clip")
                     gr.Markdown(
                         f"Up to {VIDEO_MAX_SECONDS:.0f} s and {MAX_UPLOAD}; {VIDEO_FPS:g} frames a second are "
-                        f"analysed (at most {VIDEO_MAX_FRAMES}), and each person is followed from frame to frame."
+                        f"analysed (at most {VIDEO_MAX_FRAMES}), and each person is followed from frame to frame "
+                        "(by where their face is and what it looks like), with their emotion over time."
                     )
                 with gr.Tab("Webcam (live)"):
-                    webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy")
+                    webcam = gr.Image(
+                        label="Webcam", sources=["webcam"], streaming=True, type="numpy", elem_id="webcam"
+                    )
+                    gr.Markdown(
+                        "Two frames a second are analysed; each person keeps a track for as long as this page "
+                        f"streams, with a steady label (the mean over their frames so far). A pause of "
+                        f"{LIVE_RESET_S:.0f} s or more starts afresh; nothing is kept after the page closes."
+                    )
+                    # One tracker per browser session: never shared with another visitor, dropped with the session.
+                    live_session = gr.State(None, time_to_live=LIVE_RESET_S * 60)
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Face detector")
                 threshold = gr.Slider(
                     0.0, 1.0, value=0.0, step=0.05, label="Detection threshold (0 = detector default)"
@@ -143,10 +161,11 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
             preprocess=False,
             api_visibility="private",
         )
+        webcam.clear(lambda: None, None, live_session, api_visibility="private")  # the stream stopped: forget it
         webcam.stream(
             analyze_frame,
-            [webcam, detector, threshold],
-            [result],
+            [webcam, detector, threshold, live_session],
+            [result, live_session],
             stream_every=0.5,
             time_limit=120,
             preprocess=False,

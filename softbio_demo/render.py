@@ -60,39 +60,76 @@ def gif_data_url(images: list, fps: float, max_side: int = 480) -> str:
     return "data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def tracks_html(gif: str, tracks: list[dict[str, Any]]) -> str:
+def tracks_html(gif: str, tracks: list[dict[str, Any]], note: str | None = None) -> str:
+    """A clip's result: the animation, a note when it stopped decoding early, the per-track table and each
+    person's emotion timeline."""
     parts = [f'<img class="sb-photo" alt="the clip with each person\'s box and steady label" src="{gif}">']
+    if note:
+        parts.append(f'<p class="sb-note">{html.escape(note)}</p>')
     if not tracks:
         parts.append('<p class="sb-none">No face found in the analysed frames.</p>')
-    else:
-        header = "".join(f"<th>{html.escape(title)} (agreement)</th>" for title in TASK_TITLES.values())
-        rows = []
-        for track in tracks:
-            cells = "".join(
-                f"<td>{html.escape(track[task]['label'])} {100 * track[task]['score']:.0f}% "
-                f"({100 * track[task]['agreement']:.0f}%)</td>"
-                for task in TASK_TITLES
-                if task in track
-            )
-            rows.append(
-                f'<tr class="sb-track"><td>Track {track["track_id"]}</td><td>{track["first_time_s"]:.2f}-'
-                f"{track['last_time_s']:.2f} s</td><td>{track['frames']}</td>{cells}</tr>"
-            )
-        parts.append(
-            f'<table class="sb-tracks"><tr><th>person</th><th>seen</th><th>frames</th>{header}</tr>{"".join(rows)}'
-            "</table><p>Each person's answer is the mean of the probabilities over their frames; agreement is how "
-            "often a single frame said the same.</p>"
-        )
+        return "".join(parts)
+    parts.append(tracks_table(tracks))
+    parts.append(
+        "<p>Each person's answer is the mean of the probabilities over their frames, each frame weighted by its "
+        "detection score and face size; agreement is how often a single frame said the same.</p>"
+    )
+    parts.extend(timeline_html(track) for track in tracks if track.get("timeline"))
     return "".join(parts)
 
 
-def image_data_url(image, max_side: int = 1024) -> str:
-    """Inline JPEG: the annotated photo is never written to the server's disk."""
+def tracks_table(tracks: list[dict[str, Any]]) -> str:
+    header = "".join(f"<th>{html.escape(title)} (agreement)</th>" for title in TASK_TITLES.values())
+    rows = []
+    for track in tracks:
+        cells = "".join(
+            f"<td>{html.escape(track[task]['label'])} {100 * track[task]['score']:.0f}% "
+            f"({100 * track[task]['agreement']:.0f}%)</td>"
+            for task in TASK_TITLES
+            if task in track
+        )
+        rows.append(
+            f'<tr class="sb-track"><td>Track {track["track_id"]}</td><td>{track["first_time_s"]:.2f}-'
+            f"{track['last_time_s']:.2f} s</td><td>{track['frames']}</td>{cells}</tr>"
+        )
+    head = f"<tr><th>person</th><th>seen</th><th>frames</th>{header}</tr>"
+    return f'<table class="sb-tracks">{head}{"".join(rows)}</table>'
+
+
+def timeline_html(track: dict[str, Any]) -> str:
+    """A person's emotion over the clip, drawn by the library (the batch command's --timeline draws the same)."""
+    from softbio_hf.video import timeline_image
+
+    number = track["track_id"]
+    return (
+        f'<figure class="sb-timeline"><img alt="Track {number}: emotion over time" '
+        f'src="{image_data_url(timeline_image(track), max_side=1024, png=True)}">'
+        f"<figcaption>Track {number}: emotion over time</figcaption></figure>"
+    )
+
+
+def live_html(picture: str, tracks: list[dict[str, Any]], seen: int) -> str:
+    """A webcam frame with each person's steady label, and the table of the people in view."""
+    parts = [f'<img class="sb-photo" alt="the webcam frame with each person\'s steady label" src="{picture}">']
+    if tracks:
+        parts.append(tracks_table(tracks))
+    else:
+        parts.append('<p class="sb-none">No face found in this frame.</p>')
+    parts.append(
+        f'<p class="sb-live">{seen} people seen in this stream; each label is the mean over that person\'s '
+        "frames so far. Stop the stream for a few seconds to start afresh.</p>"
+    )
+    return "".join(parts)
+
+
+def image_data_url(image, max_side: int = 1024, png: bool = False) -> str:
+    """Inline JPEG (PNG for a plot's sharp lines): the picture is never written to the server's disk."""
     image = image.copy()
     image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=88)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    kind = "png" if png else "jpeg"
+    image.convert("RGB").save(buffer, format=kind.upper(), **({} if png else {"quality": 88}))
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def bars_html(scores: dict[str, float]) -> str:
@@ -138,4 +175,6 @@ CSS = """
 .sb-bar {flex: 1; background: #eee; border-radius: 4px; height: 10px; overflow: hidden;}
 .sb-bar span {display: block; height: 100%; background: #4363d8;}
 .sb-score {width: 52px; text-align: right;}
+.sb-timeline {margin: 8px 0;}
+.sb-note {color: #b45309;}
 """

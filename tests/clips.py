@@ -101,3 +101,24 @@ def person_at(drawn: dict, box: dict) -> str | None:
     """Whose picture a face box's centre lies on (the one in front where two overlap), per the drawn rectangles."""
     x, y = (box["xmin"] + box["xmax"]) / 2, (box["ymin"] + box["ymax"]) / 2
     return next((p for p, (x0, y0, x1, y1) in drawn.items() if x0 <= x < x1 and y0 <= y < y1), None)
+
+
+def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
+    """Frames as a raw YUV4MPEG2 file: what Chromium's fake camera plays (--use-file-for-fake-video-capture)."""
+    height, width = frames[0].shape[:2]
+    with path.open("wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for rgb in frames:
+            out.write(b"FRAME\n" + cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).tobytes())
+    return path
+
+
+def two_people_frame() -> np.ndarray:
+    """One picture with both people apart (the crossing clip's first frame, drawn the same way)."""
+    from photos import GRACE_HOPPER_KEYPOINTS
+
+    frame = np.full((CROSS_H, CROSS_W, 3), 90, np.uint8)
+    a, b = face_tile(grace_hopper(), GRACE_HOPPER_KEYPOINTS), scaled(astronaut())
+    frame[20 : 20 + b.shape[0], 300 : 300 + b.shape[1]] = b
+    frame[60 : 60 + a.shape[0], 20 : 20 + a.shape[1]] = a
+    return frame

@@ -376,8 +376,91 @@ def test_browser_analyses_a_clip_in_the_video_tab(app, tmp_path):
             browser.close()
 
 
+def live_tracks(page) -> list[tuple[str, int, str]]:
+    """The webcam result's per-track table: (track, frames, labels) per row."""
+    rows = []
+    for row in page.locator("#sb-result tr.sb-track").all_inner_texts():
+        cells = row.split("\t")
+        rows.append((cells[0], int(cells[2]), " ".join(cell.split(" ")[0] for cell in cells[3:])))
+    return rows
+
+
+def test_browser_webcam_streams_steady_labels_and_tracks_per_session(app, tmp_path):
+    """Chromium's fake camera plays two people; each browser session keeps its own two tracks, their labels steady."""
+    from clips import two_people_frame, write_y4m
+    from playwright.sync_api import sync_playwright
+
+    camera = write_y4m(tmp_path / "camera.y4m", [two_people_frame()] * 10)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=find_chromium(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                f"--use-file-for-fake-video-capture={camera}",
+            ],
+        )
+        try:
+            pages = []
+            for _ in range(2):  # two visitors: separate browser contexts, so separate cookies and sessions
+                context = browser.new_context(viewport={"width": 1400, "height": 1100}, permissions=["camera"])
+                page = context.new_page()
+                page.goto(app["url"], wait_until="load")
+                page.get_by_role("tab", name="Webcam (live)").click()
+                page.get_by_text("Click to Access Webcam").click()
+                pages.append(page)
+            first, second = pages
+            first.get_by_label("capture photo").click()
+            seen = []
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and (not seen or min(frames for _, frames, _ in seen[-1]) < 5):
+                first.wait_for_timeout(500)
+                rows = live_tracks(first)
+                if rows and (not seen or rows != seen[-1]):
+                    seen.append(rows)
+            assert seen and [name for name, _, _ in seen[-1]] == ["Track 1", "Track 2"], seen[-3:]
+            assert min(frames for _, frames, _ in seen[-1]) >= 5  # the same two tracks, frame after frame
+            assert len({tuple(labels for _, _, labels in rows) for rows in seen[-3:]}) == 1  # steady labels
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            first.screenshot(path=str(ARTIFACTS / "app-webcam.png"), full_page=True)
+
+            second.get_by_label("capture photo").click()  # another visitor: their own tracks, from their frame 1
+            second.wait_for_selector("#sb-result tr.sb-track", timeout=120_000)
+            theirs = live_tracks(second)
+            assert [name for name, _, _ in theirs] == ["Track 1", "Track 2"]
+            assert max(frames for _, frames, _ in theirs) < min(frames for _, frames, _ in live_tracks(first))
+        finally:
+            browser.close()
+
+
+def test_live_sessions_keep_their_own_tracks_and_restart_after_a_pause(monkeypatch):
+    import io
+
+    from clips import two_people_frame
+
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    pipe = models.build_pipeline(model)
+    buffer = io.BytesIO()
+    Image.fromarray(two_people_frame()).save(buffer, format="PNG")
+    mine = theirs = None
+    for _ in range(3):
+        html, mine = analysis.analyze_live_frame(pipe, mine, buffer.getvalue(), "haar", 0)
+    html, theirs = analysis.analyze_live_frame(pipe, theirs, buffer.getvalue(), "haar", 0)
+    assert [t["frames"] for t in mine.faces.summaries()] == [3, 3] and html.count('class="sb-track"') == 2
+    assert [t["frames"] for t in theirs.faces.summaries()] == [1, 1]  # nobody else's frames joined them
+    monkeypatch.setattr(analysis, "LIVE_RESET_S", 0.0)  # the stream stopped and started again
+    _, again = analysis.analyze_live_frame(pipe, mine, buffer.getvalue(), "haar", 0)
+    assert again is not mine and [t["frames"] for t in again.faces.summaries()] == [1, 1]
+
+
 def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path, monkeypatch):
-    from clips import make_clip
+    from clips import make_clip, write_clip
+
+    from softbio_hf.video import read_frames
 
     make_clip(tmp_path / "walk.mp4")  # 3 s
     torch.manual_seed(0)
@@ -385,9 +468,60 @@ def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path, monke
     pipe = models.build_pipeline(model)
     html, tracks = analysis.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
     assert len(tracks) == 2 and html.count('class="sb-track"') == 2
+    assert html.count('class="sb-timeline"') == 2 and "stopped decoding" not in html  # each person's emotion plot
+    cut = tmp_path / "cut.mp4"
+    frames = [frame.rgb for frame in read_frames(tmp_path / "walk.mp4")]
+    write_clip(cut, frames, [i / 8 for i in range(len(frames))], movflags="faststart")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    html, _ = analysis.analyze_clip(pipe, str(cut), "'cut.mp4'", "haar")
+    assert "cut.mp4&#x27; stopped decoding after" in html and f"of the {len(frames)} it announces" in html
     monkeypatch.setattr(analysis, "VIDEO_MAX_SECONDS", 1.0)
     with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
         analysis.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
+
+
+FOUR_K_MEMORY = """
+import gc, sys
+sys.path[:0] = [{tests!r}, {repo!r}]
+import torch
+from tiny import TINY_VISION
+from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_demo import analysis, models
+
+def resident_kb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+torch.manual_seed(0)
+vision = {{"model_type": "clip_vision_model", **TINY_VISION}}
+pipe = models.build_pipeline(SoftBioModel(SoftBioConfig(vision_config=vision)))
+analysis.analyze_clip(pipe, {small!r}, "small.mp4", "haar")  # warm: libraries loaded, buffers made once
+gc.collect()
+before = resident_kb("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+html, tracks = analysis.analyze_clip(pipe, {big!r}, "4k.mp4", "haar")
+print("TRACKS", len(tracks), "GROWTH_MB", (resident_kb("VmHWM:") - before) / 1024)
+"""
+
+
+def test_a_long_4k_clip_costs_the_demo_under_300_mb(tmp_path):
+    """60 s of 3840x2160 at 2 frames a second (120 frames, all analysed): the demo's peak memory grows by less than
+    300 MB while it analyses it (frames are decoded small and dropped; only thumbnails are kept)."""
+    import subprocess
+
+    import cv2
+    from clips import make_clip, two_people_frame, write_clip
+
+    make_clip(tmp_path / "small.mp4")
+    frame = cv2.resize(two_people_frame(), (3840, 2160), interpolation=cv2.INTER_LINEAR)
+    write_clip(tmp_path / "4k.mp4", [frame] * 120, [i / 2 for i in range(120)])
+    assert (tmp_path / "4k.mp4").stat().st_size < 2_000_000  # a small upload: the size cap does not stop it
+    code = FOUR_K_MEMORY.format(
+        tests=str(REPO / "tests"), repo=str(REPO), small=str(tmp_path / "small.mp4"), big=str(tmp_path / "4k.mp4")
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert "TRACKS 2" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    growth = float(result.stdout.split("GROWTH_MB")[1])
+    assert growth < 300, growth
 
 
 def next_result(page, start) -> str:
