@@ -455,8 +455,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
         **options,
     ) -> dict[str, Any]:
         """A video file (path or URL): `{"frames": [{"frame", "time_s", "faces": [... each with "track_id"]}],
-        "tracks": [one steady answer per person]}`; one frame in `every` (or `fps` a second), at most `max_frames`;
-        a track survives `max_gap` analysed frames without its face. See softbio_hf/video.py."""
+        "tracks": [one steady answer and emotion timeline per person], "decoding": {"status", "frames_read", ...}}`;
+        one frame in `every` (or `fps` a second), at most `max_frames`; a track survives `max_gap` analysed frames
+        without its face, and `reid_gap` (an option) before appearance alone can no longer re-join it. See
+        softbio_hf/video.py."""
         from .video import VideoInputError, analyze_video
 
         if options.get("top_k") is not None:
