@@ -352,7 +352,11 @@ def track_summary(track: Track, tasks: dict[str, list[str]], age_years: list[flo
             result["years"] = round(float(expected_age_years(torch.tensor(mean), age_years, labels)), 1)
         summary[task] = result
     if "emotion" in tasks:
-        summary["timeline"] = [{"time_s": f["time_s"], "frame": f["frame"], **f["emotion"]["scores"]} for f in faces]
+        emotions = tasks["emotion"]  # in the label space's order, whichever the frame ranked first
+        summary["timeline"] = [
+            {"time_s": f["time_s"], "frame": f["frame"], **{e: f["emotion"]["scores"][e] for e in emotions}}
+            for f in faces
+        ]
     return summary
 
 

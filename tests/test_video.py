@@ -16,6 +16,7 @@ from softbio_hf import SoftBioConfig, SoftBioModel
 from softbio_hf.video import VideoInputError, read_frames
 
 TASKS = ("age", "gender", "emotion")
+EMOTIONS = ["surprise", "fear", "disgust", "happy", "sad", "angry", "neutral"]
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +230,7 @@ def test_each_track_has_an_emotion_timeline_of_its_frames(analysed):
     for track in analysed["tracks"]:
         faces = [f for e in analysed["frames"] for f in e["faces"] if f["track_id"] == track["track_id"]]
         assert [point["time_s"] for point in track["timeline"]] == [face["time_s"] for face in faces]
+        assert all(list(point)[2:] == EMOTIONS for point in track["timeline"])  # one column order for every frame
         assert all(
             {k: v for k, v in point.items() if k not in ("time_s", "frame")} == face["emotion"]["scores"]
             for point, face in zip(track["timeline"], faces, strict=True)
