@@ -85,8 +85,8 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
 
     def analyze_clip_upload(payload, detector, threshold, request: gr.Request):
         video = payload.get("video") if isinstance(payload, dict) and "video" in payload else payload
-        _, name = read_upload(upload_path(video), requester_of(request), owners)  # the requester's own upload
-        return analyze_clip(pipe, upload_path(video), name, detector, threshold)
+        data, name = read_upload(upload_path(video), requester_of(request), owners)  # the requester's own upload
+        return analyze_clip(pipe, data, name, detector, threshold)
 
     def analyze_frame(frame, detector, threshold, session, request: gr.Request):
         """A webcam frame, tracked with this browser session's earlier frames (its own tracker, in gr.State)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
@@ -42,10 +43,11 @@ VIDEO_FPS, VIDEO_MAX_FRAMES, VIDEO_MAX_SECONDS = 4.0, 120, 60.0
 THUMBNAIL = 480
 
 
-def analyze_clip(pipe, path: str, name: str, detector: str = "auto", threshold: float | None = None):
-    """A clip's tracks as HTML (an animated GIF of the analysed frames, each face labelled with its track's steady
-    answer; the per-track table with each person's emotion timeline) and as JSON. The clip is decoded once; nothing
-    is written to disk: the pictures are inline."""
+def analyze_clip(pipe, clip: str | bytes, name: str, detector: str = "auto", threshold: float | None = None):
+    """A clip (its bytes, as read_upload read them, or a path) as HTML (an animated GIF of the analysed frames, each
+    face labelled with its track's steady answer; the per-track table with each person's emotion timeline) and as
+    JSON. The clip is decoded once, from memory: gradio's cache sweep may delete the upload meanwhile. Nothing is
+    written to disk: the pictures are inline."""
     import gradio as gr
 
     from softbio_hf.video import VideoInputError
@@ -60,13 +62,18 @@ def analyze_clip(pipe, path: str, name: str, detector: str = "auto", threshold: 
         thumbnails.append((picture, picture.width / (frame.rgb.shape[1] * frame.scale)))
 
     limits = {"fps": VIDEO_FPS, "max_frames": VIDEO_MAX_FRAMES, "max_seconds": VIDEO_MAX_SECONDS}
+    source = clip
+    if isinstance(clip, bytes):
+        source = io.BytesIO(clip)
+        source.name = name
     try:
         result = pipe.analyze_video(
-            path, detector=detector, threshold=threshold or None, on_frame=keep_thumbnail, **limits
+            source, detector=detector, threshold=threshold or None, on_frame=keep_thumbnail, **limits
         )
     except (VideoInputError, ValueError) as error:
         logger.warning("rejected %s: %s", name, error)
-        raise gr.Error(str(error).replace(path, name), print_exception=False) from None
+        message = str(error) if isinstance(clip, bytes) else str(error).replace(clip, name)
+        raise gr.Error(message, print_exception=False) from None
     except Exception:
         logger.exception("analysis of %s failed", name)
         raise gr.Error(

@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -108,13 +108,20 @@ def check_video_options(
             raise VideoInputError(f"{name}={value!r}: use {allowed}.")
 
 
-def _open(name: str):
+def clip_name(source: Any) -> str:
+    """How messages name a clip: its path or URL, or a file object's `name` (the demo reads uploads in memory)."""
+    return str(getattr(source, "name", "the clip")) if hasattr(source, "read") else str(source)
+
+
+def _open(source: Any):
     import av
 
-    if not name.startswith(("http://", "https://")) and not Path(name).is_file():
+    name = clip_name(source)
+    in_memory = hasattr(source, "read")
+    if not in_memory and not name.startswith(("http://", "https://")) and not Path(name).is_file():
         raise VideoInputError(f"{name}: no such file.")
     try:
-        container = av.open(name)
+        container = av.open(source if in_memory else name)
     except (av.FFmpegError, OSError, ValueError) as error:
         raise VideoInputError(
             f"{name} cannot be opened as a video: it is not one, or it is damaged ({type(error).__name__}); convert "
@@ -146,7 +153,7 @@ def _rgb(frame, max_side: int) -> tuple[np.ndarray, float]:
 
 
 def read_frames(
-    source: str | os.PathLike,
+    source: str | os.PathLike | BinaryIO,
     every: int | None = None,
     fps: float | None = None,
     max_frames: int | None = None,
@@ -154,12 +161,13 @@ def read_frames(
     max_side: int = MAX_SIDE,
     decoding: Decoding | None = None,
 ) -> Iterator[Frame]:
-    """The analysed frames of a clip, in order. `decoding` (if given) is filled in as reading goes."""
+    """The analysed frames of a clip (a path, a URL, or a file object such as io.BytesIO), in order. `decoding`
+    (if given) is filled in as reading goes."""
     import av
 
     check_video_options(every, fps, max_frames, max_seconds=max_seconds)
-    name, decoding = str(source), decoding if decoding is not None else Decoding()
-    with _open(name) as container:
+    name, decoding = clip_name(source), decoding if decoding is not None else Decoding()
+    with _open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         seconds, decoding.frames_expected = _announced(container, stream)
