@@ -81,7 +81,8 @@ def analyze_clip(pipe, clip: str | bytes, name: str, detector: str = "auto", thr
         ) from None
     tracks = {track["track_id"]: track for track in result["tracks"]}
     images = []
-    for (picture, factor), entry in zip(thumbnails, result["frames"], strict=True):
+    for number, entry in enumerate(result["frames"]):
+        (picture, factor), thumbnails[number] = thumbnails[number], None  # each thumbnail dropped once drawn on
         steady = [
             {**steady_face(face, tracks[face["track_id"]]), "box": scaled_box(face["box"], factor)}
             for face in entry["faces"]

@@ -44,6 +44,7 @@ import numpy as np
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"}
 MAX_VIDEO_SECONDS = 600.0  # a longer clip is refused: say --max-frames / every, or cut it
 MAX_SIDE = 1280  # analysed frames are scaled to at most this many pixels a side (memory does not grow with 4K)
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # decoder threads: memory stays bounded on a many-core machine
 REID_GAP = 50  # analysed frames a track may be missing and still be re-joined by appearance alone
 REID_SIMILARITY = 0.85  # cosine similarity a face needs to re-join a track by appearance alone
 FULL_TRUST_SIDE = 96  # a face this many pixels wide or more counts fully in its track's answer
@@ -170,6 +171,7 @@ def read_frames(
     with _open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = DECODE_THREADS  # each frame thread holds a full-size frame
         seconds, decoding.frames_expected = _announced(container, stream)
         if seconds is not None and seconds > max_seconds:
             raise VideoInputError(
@@ -202,14 +204,17 @@ def read_frames(
                 taken += 1
                 if max_frames is not None and taken >= max_frames:
                     return
-        except av.FFmpegError as error:
-            decoding.status, decoding.reason = "truncated", f"decoding stopped: {type(error).__name__}: {error}"
+        except av.FFmpegError as error:  # damaged mid-stream: what came before is kept, and said to be partial
+            decoding.status, decoding.reason = "truncated", f"{type(error).__name__}: {error}"
         if decoding.frames_read == 0:
             raise VideoInputError(f"{name} holds no frame that can be decoded (empty, damaged, or an unknown codec).")
         expected = decoding.frames_expected
-        if decoding.status == "complete" and expected and decoding.frames_read < expected - 1:  # one: rounding
+        short = expected is not None and decoding.frames_read < expected - 1  # one: the container's rounding
+        if decoding.status == "truncated" or short:
+            of = f" of the {expected} frames it announces" if expected else ""
+            cause = f" ({decoding.reason})" if decoding.reason else ""
             decoding.status = "truncated"
-            decoding.reason = f"decoding stopped after {decoding.frames_read} of the {expected} frames it announces"
+            decoding.reason = f"decoding stopped after {decoding.frames_read}{of}{cause}"
 
 
 # --------------------------------------------------------------------------------------------- tracking
