@@ -106,7 +106,7 @@ class Batcher:
             for row, (photo, number) in enumerate(batch):
                 chunk = photo["chunks"][number]
                 photo["outputs"][number] = {
-                    **{k: v[row : row + 1] for k, v in scored.items() if k.startswith("probs_")},
+                    **{k: v[row : row + 1] for k, v in scored.items() if k.startswith("probs_") or k == "embedding"},
                     "face": chunk["face"],
                     "is_last": chunk["is_last"],
                 }

@@ -44,6 +44,7 @@ PIPELINE_FILES = (
     "faces.py",
     "runtimes.py",
     "video.py",
+    "face_stream.py",  # video: its Batcher
     "images.py",
     "runtime_light.py",
 )

@@ -182,19 +182,22 @@ class SoftBiometricsPipeline(ChunkPipeline):
         logger.warning("backend auto: torch, since %s", reason)
         return None
 
-    def classify(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def classify(self, pixel_values: torch.Tensor, features: bool = False):
         """Logits per task for a batch of face crops, uint8 from `face_pixels` (normalised here, on the model's
-        device) or already normalised: the model's, its compiled graph's, or its export's."""
+        device) or already normalised: the model's, its compiled graph's, or its export's. With `features`, also
+        each face's appearance (`face_features`; None from an export, whose graph gives logits only)."""
         if self.exported is not None:  # the torch-free runtime's normalisation, as the server does it
             pixels = pixel_values.numpy()
             if pixels.dtype == np.uint8:
                 pixels = normalize_array(pixels, self.model.config.image_mean, self.model.config.image_std)
-            return {task: torch.from_numpy(value) for task, value in self.exported(pixels).items()}
+            logits = {task: torch.from_numpy(value) for task, value in self.exported(pixels).items()}
+            return (logits, None) if features else logits
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize_pixels(pixel_values.to(self.model.device), self.model.config)
         pixel_values = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
         if self._compiled is None:
-            return self.model(pixel_values=pixel_values).logits
+            output = self.model(pixel_values=pixel_values)
+            return (output.logits, face_features(output.features)) if features else output.logits
         import torch._inductor.config as inductor_config
 
         size, parts = self.compiled_batch_size, []
@@ -205,9 +208,11 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 # Always a fresh tensor made here, inside inference_mode: the graph was compiled for one (an
                 # outside tensor or a view at an offset fails its guards and compiles again); the copy is small.
                 chunk = torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
-                logits = self._compiled(pixel_values=chunk).logits
-                parts.append({task: value[: len(pixel_values) - start] for task, value in logits.items()})
-        return {task: torch.cat([part[task] for part in parts]) for task in parts[0]}
+                output = self._compiled(pixel_values=chunk)
+                keep = len(pixel_values) - start
+                parts.append(({t: v[:keep] for t, v in output.logits.items()}, face_features(output.features)[:keep]))
+        logits = {task: torch.cat([part[0][task] for part in parts]) for task in parts[0][0]}
+        return (logits, torch.cat([part[1] for part in parts])) if features else logits
 
     def _sanitize_parameters(
         self,
@@ -285,8 +290,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
         **options,
     ) -> dict[str, Any]:
         """A video file (path or URL): `{"frames": [{"frame", "time_s", "faces": [... each with "track_id"]}],
-        "tracks": [one steady answer per person]}`; one frame in `every` (or `fps` a second), at most `max_frames`;
-        a track survives `max_gap` analysed frames without its face. See softbio_hf/video.py."""
+        "tracks": [one steady answer and emotion timeline per person], "decoding": {"status", "frames_read", ...}}`;
+        one frame in `every` (or `fps` a second), at most `max_frames`; a track survives `max_gap` analysed frames
+        without its face, and `reid_gap` (an option) before appearance alone can no longer re-join it. See
+        softbio_hf/video.py."""
         from .video import VideoInputError, analyze_video
 
         if options.get("top_k") is not None:
@@ -335,11 +342,13 @@ class SoftBiometricsPipeline(ChunkPipeline):
             yield {"pixel_values": pixel_values, "face": record, "is_last": i == len(faces) - 1}
 
     def _forward(self, model_inputs):
-        logits = self.classify(model_inputs["pixel_values"])
+        logits, embedding = self.classify(model_inputs["pixel_values"], features=True)
         if self.exported is not None:  # the torch-free runtime's softmax, as the server does it
             outputs = {f"probs_{task}": torch.from_numpy(softmax(value.numpy())) for task, value in logits.items()}
         else:
             outputs = {f"probs_{task}": value.float().softmax(dim=-1) for task, value in logits.items()}
+        if embedding is not None:  # a face's appearance: the video tracker's (postprocess leaves it out)
+            outputs["embedding"] = embedding
         return {**outputs, "face": model_inputs["face"], "is_last": model_inputs["is_last"]}
 
     def postprocess(self, model_outputs, top_k: int | None = None):
@@ -351,6 +360,13 @@ class SoftBiometricsPipeline(ChunkPipeline):
             probs = {task: output[f"probs_{task}"].float().cpu().numpy() for task in config.tasks}
             records.append(face_result(output["face"], probs, config.tasks, config.age_years, top_k))
         return records  # largest first: detect_faces sorted them and the chunks keep their order
+
+
+def face_features(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A face's appearance from the forward pass: its tasks' pooled, projected features averaged, unit length,
+    float32 on the CPU [faces, dim]. What the heads look at, reused (no second model) to tell people apart."""
+    mean = torch.stack([value.float() for value in features.values()]).mean(dim=0)
+    return torch.nn.functional.normalize(mean, dim=-1).detach().cpu()
 
 
 def face_pixels(crop: np.ndarray, size: int) -> torch.Tensor:

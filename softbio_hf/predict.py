@@ -109,18 +109,26 @@ def is_video_source(source: Source) -> bool:
     return isinstance(source.ref, str) and Path(source.ref.split("?")[0]).suffix.lower() in VIDEO_EXTENSIONS
 
 
-def video_rows(pipe, source: Source, options: dict[str, Any], tasks, probabilities: bool) -> list[dict]:
+def video_rows(
+    pipe, source: Source, options: dict[str, Any], tasks, probabilities: bool, on_frame=None, timeline=None
+) -> tuple[list[dict], int]:
     """One row per face per analysed frame (with frame, time_s, track_id), then one `kind: track` row per person
-    (written to --tracks): the video's block, written at once like a photo's."""
+    (written to --tracks): the video's block, written at once like a photo's. A clip that stopped decoding early
+    says so in its rows' status, never "ok". `on_frame(entry)` is called per analysed frame (the progress bar);
+    `timeline` is the --timeline folder. Returns the rows and the number of frames analysed."""
     from .video import VideoInputError
 
     item = {"index": source.index, "key": source.key}
     try:
-        result = pipe(source.ref, **options)
+        result = pipe(source.ref, on_analysed=on_frame, **options)
     except (VideoInputError, ValueError, OSError) as error:
-        return rows_for({**item, "error": str(error)}, [], tasks, probabilities)
+        return rows_for({**item, "error": str(error)}, [], tasks, probabilities), 0
     faces = [face for frame in result["frames"] for face in frame["faces"]]
     rows = rows_for(item, faces, tasks, probabilities)
+    decoding = result["decoding"]
+    if decoding["status"] != "complete":  # analysed up to where it stopped: the rows say it is not the whole clip
+        for row in rows:
+            row["status"] = f"truncated: {decoding['reason']}; {len(result['frames'])} frames analysed"
     if faces:
         for row, face in zip(rows, faces, strict=True):
             row.update({key: face[key] for key in VIDEO_COLUMNS})
@@ -133,7 +141,29 @@ def video_rows(pipe, source: Source, options: dict[str, Any], tasks, probabiliti
         if "years" in track.get("age", {}):
             row["age_years"] = track["age"]["years"]
         rows.append(row)
-    return rows
+        if timeline is not None and "timeline" in track:
+            write_timeline(Path(timeline), source, track)
+    return rows, len(result["frames"])
+
+
+def write_timeline(folder: Path, source: Source, track: dict[str, Any]) -> None:
+    """--timeline: a track's emotion over the clip as a PNG and a CSV (time_s, frame, one column per emotion)."""
+    import csv
+    import io
+
+    from .safe_files import atomic_write_bytes, atomic_write_text
+    from .video import timeline_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{source.index:05d}-{Path(str(source.key)).stem}-track{track['track_id']}"
+    picture = io.BytesIO()
+    timeline_image(track).save(picture, format="PNG")
+    atomic_write_bytes(stem.with_suffix(".png"), picture.getvalue())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(track["timeline"][0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(track["timeline"])
+    atomic_write_text(stem.with_suffix(".csv"), text.getvalue())
 
 
 def track_columns(tasks: dict[str, list[str]]) -> list[str]:
@@ -410,6 +440,7 @@ def predict(
     on_photo=None,
     tracks: str | Path | None = None,
     every: int | None = None,
+    timeline: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole command; `on_photo(count)` is called after each photo is written (progress hooks, tests)."""
     out, tracks = Path(out), Path(tracks) if tracks is not None else None
@@ -454,6 +485,7 @@ def predict(
         pending = [s for s in sources if (s.index, s.key) not in done_before]
         options = {"detector": detector}
         stats = {"photos": 0, "faces": 0, "no_face": 0, "errors": 0}
+        stats |= {"clips": 0, "clip_frames": 0, "clip_faces": 0, "truncated": 0}  # clips count among the photos
         started = time.perf_counter()
         with state.split_between_processes(pending) as mine:
             videos = [source for source in mine if is_video_source(source)]
@@ -487,12 +519,26 @@ def predict(
                     write(batcher.add(item))
                 write(batcher.run())
                 for video in videos:  # frames are decoded here; their faces go through the model in batches
-                    rows = video_rows(pipe, video, {**options, "every": every}, tasks, probabilities)
+                    frames_bar = tqdm(desc=f"frames of {video.key}", unit="frame", leave=False, disable=bar.disable)
+                    rows, frames = video_rows(
+                        pipe,
+                        video,
+                        {**options, "every": every},
+                        tasks,
+                        probabilities,
+                        lambda _entry, bar=frames_bar: bar.update(1),  # moves as each frame is analysed
+                        timeline,
+                    )
+                    frames_bar.close()
+                    stats["clip_frames"] += frames
                     part.write(block_text(rows))
                     part.flush()
-                    stats["photos"] += 1
-                    stats["faces"] += sum(row.get("kind") != "track" and row["face"] >= 0 for row in rows)
+                    clip_faces = sum(row.get("kind") != "track" and row["face"] >= 0 for row in rows)
+                    stats["clips"] += 1
+                    stats["clip_faces"] += clip_faces
+                    stats["faces"] += clip_faces
                     stats["errors"] += rows[0]["status"].startswith("error")
+                    stats["truncated"] += rows[0]["status"].startswith("truncated")
                     bar.update(1)
             bar.close()
         state.wait_for_everyone()
@@ -552,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
         "label, mean probability and agreement) to this table (.csv, .jsonl, .parquet)",
     )
     parser.add_argument("--every", type=int, default=None, help="videos: analyse one frame in N (default: every)")
+    parser.add_argument(
+        "--timeline",
+        default=None,
+        metavar="DIR",
+        help="videos: write each tracked person's emotion over the clip to DIR, as a PNG plot and a CSV "
+        "(time_s, frame, one probability column per emotion)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -578,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=args.backend,
             tracks=args.tracks,
             every=args.every,
+            timeline=args.timeline,
             limit=args.limit,
             probabilities=args.probabilities,
             resume=args.resume,
@@ -590,8 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the rows so far are kept. Continue with the same command and --resume.", file=sys.stderr)
         return 130
     if "rows" in stats:
+        clips = (
+            f" and {stats['clips']} clips ({stats['clip_frames']} frames analysed, {stats['clip_faces']} faces"
+            + (f"; {stats['truncated']} cut short" if stats["truncated"] else "")
+            + ")"
+            if stats.get("clips")
+            else ""
+        )
         print(
-            f"{stats['photos']} photos this run: {stats['faces']} faces, {stats['no_face']} without a face, "
+            f"{stats['photos']} photos{clips} this run: {stats['faces']} faces, {stats['no_face']} without a face, "
             f"{stats['errors']} unreadable; {stats['rows']} rows in {args.out} ({stats['seconds']} s)"
         )
     return 0

@@ -15,6 +15,7 @@ from PIL import Image
 from serving import app_run_to_exit, find_chromium, running_app
 from tiny import TINY_VISION
 
+from softbio_demo import analysis, models, uploads
 from softbio_hf import SoftBioConfig, SoftBioModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +119,37 @@ def test_a_crafted_path_outside_the_uploads_is_refused_and_left_alone(app, tmp_p
 def test_a_payload_of_the_wrong_kind_gets_the_reason_and_how_to_call(app, payload):
     status, answer = refused_api_call(app["url"], [payload, "haar", 0])
     assert status == 422 and "handle_file('photo.jpg')" in answer and "pydantic" not in answer
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/tmp/" + "a" * 5000 + ".jpg", "5009 characters long, over the 1024"),
+        ("/tmp/" + "/".join(["b" * 300] * 3) + ".jpg", "not an upload of this demo"),  # each part too long
+        ("/tmp/photo\x00.jpg", "NUL byte"),
+    ],
+)
+def test_a_path_the_file_system_refuses_gets_a_4xx_with_the_reason(app, path, reason):
+    crafted = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "x.jpg"}
+    status, answer = refused_api_call(app["url"], [crafted, "haar", 0])
+    assert status == 422 and reason in answer and "Traceback" not in answer
+    assert "Traceback" not in app["log"].read_text()
+
+
+def test_without_the_demo_extra_the_app_says_what_to_install(tmp_path):
+    """The library installed alone has no starlette or gradio: a run names the extra instead of a traceback."""
+    import subprocess
+
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['starlette'] = None  # as where only softbio (no [demo]) is installed\n"
+        f"sys.argv = ['app.py', '--model', {str(tmp_path)!r}]\n"
+        f"runpy.run_path({str(REPO / 'app.py')!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert "the demo needs starlette" in result.stderr and 'pip install "softbio[demo]"' in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def refused_api_call(url: str, data: list) -> tuple[int, str]:
@@ -236,16 +268,13 @@ def test_offline_without_a_model_says_what_to_pass(tmp_path):
 
 
 def test_default_model_is_built_once_then_loaded_from_the_cache(tiny_clip_dir, tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO))
-    import app as app_module
-
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(app_module, "DEFAULT_CLIP", str(tiny_clip_dir))
-    built, name = app_module.load_model(None)
-    cached = app_module.zero_shot_cache_dir(str(tiny_clip_dir), tiny_clip_dir / "config.json")
+    monkeypatch.setattr(models, "DEFAULT_CLIP", str(tiny_clip_dir))
+    built, name = models.load_model(None)
+    cached = models.zero_shot_cache_dir(str(tiny_clip_dir), tiny_clip_dir / "config.json")
     assert (cached / "model.safetensors").is_file() and "zero-shot" in name
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
-    again, name = app_module.load_model(None)
+    again, name = models.load_model(None)
     assert "cached" in name
     assert torch.equal(again.heads["age"].classifier.weight, built.heads["age"].classifier.weight)
 
@@ -354,22 +383,153 @@ def test_browser_analyses_a_clip_in_the_video_tab(app, tmp_path):
             browser.close()
 
 
-def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path):
-    from clips import make_clip
+def live_tracks(page) -> list[tuple[str, int, str]]:
+    """The webcam result's per-track table: (track, frames, labels) per row."""
+    rows = []
+    for row in page.locator("#sb-result tr.sb-track").all_inner_texts():
+        cells = row.split("\t")
+        rows.append((cells[0], int(cells[2]), " ".join(cell.split(" ")[0] for cell in cells[3:])))
+    return rows
 
-    app_module = import_app()
+
+def test_browser_webcam_streams_steady_labels_and_tracks_per_session(app, tmp_path):
+    """Chromium's fake camera plays two people; each browser session keeps its own two tracks, their labels steady."""
+    from clips import two_people_frame, write_y4m
+    from playwright.sync_api import sync_playwright
+
+    camera = write_y4m(tmp_path / "camera.y4m", [two_people_frame()] * 10)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=find_chromium(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                f"--use-file-for-fake-video-capture={camera}",
+            ],
+        )
+        try:
+            pages = []
+            for _ in range(2):  # two visitors: separate browser contexts, so separate cookies and sessions
+                context = browser.new_context(viewport={"width": 1400, "height": 1100}, permissions=["camera"])
+                page = context.new_page()
+                page.goto(app["url"], wait_until="load")
+                page.get_by_role("tab", name="Webcam (live)").click()
+                page.get_by_text("Click to Access Webcam").click()
+                pages.append(page)
+            first, second = pages
+            first.get_by_label("capture photo").click()
+            seen = []
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and (not seen or min(frames for _, frames, _ in seen[-1]) < 5):
+                first.wait_for_timeout(500)
+                rows = live_tracks(first)
+                if rows and (not seen or rows != seen[-1]):
+                    seen.append(rows)
+            assert seen and [name for name, _, _ in seen[-1]] == ["Track 1", "Track 2"], seen[-3:]
+            assert min(frames for _, frames, _ in seen[-1]) >= 5  # the same two tracks, frame after frame
+            assert len({tuple(labels for _, _, labels in rows) for rows in seen[-3:]}) == 1  # steady labels
+            first.screenshot(path=str(artifacts(tmp_path) / "app-webcam.png"), full_page=True)
+
+            second.get_by_label("capture photo").click()  # another visitor: their own tracks, from their frame 1
+            second.wait_for_selector("#sb-result tr.sb-track", timeout=120_000)
+            theirs = live_tracks(second)
+            assert [name for name, _, _ in theirs] == ["Track 1", "Track 2"]
+            assert max(frames for _, frames, _ in theirs) < min(frames for _, frames, _ in live_tracks(first))
+        finally:
+            browser.close()
+
+
+def test_live_sessions_keep_their_own_tracks_and_restart_after_a_pause(monkeypatch):
+    import io
+
+    from clips import two_people_frame
+
+    torch.manual_seed(0)
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    pipe = models.build_pipeline(model)
+    buffer = io.BytesIO()
+    Image.fromarray(two_people_frame()).save(buffer, format="PNG")
+    mine = theirs = None
+    for _ in range(3):
+        html, mine = analysis.analyze_live_frame(pipe, mine, buffer.getvalue(), "haar", 0)
+    html, theirs = analysis.analyze_live_frame(pipe, theirs, buffer.getvalue(), "haar", 0)
+    assert [t["frames"] for t in mine.faces.summaries()] == [3, 3] and html.count('class="sb-track"') == 2
+    assert [t["frames"] for t in theirs.faces.summaries()] == [1, 1]  # nobody else's frames joined them
+    monkeypatch.setattr(analysis, "LIVE_RESET_S", 0.0)  # the stream stopped and started again
+    _, again = analysis.analyze_live_frame(pipe, mine, buffer.getvalue(), "haar", 0)
+    assert again is not mine and [t["frames"] for t in again.faces.summaries()] == [1, 1]
+
+
+def test_a_clip_is_refused_past_the_demos_length_with_the_reason(tmp_path, monkeypatch):
+    from clips import make_clip, write_clip
+
+    from softbio_hf.video import read_frames
+
     make_clip(tmp_path / "walk.mp4")  # 3 s
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
-    pipe = app_module.build_pipeline(model)
-    html, tracks = app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
+    pipe = models.build_pipeline(model)
+    html, tracks = analysis.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
     assert len(tracks) == 2 and html.count('class="sb-track"') == 2
-    app_module.VIDEO_MAX_SECONDS = 1.0
-    try:
-        with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
-            app_module.analyze_clip(pipe, str(tmp_path / "walk.mp4"), "'walk.mp4'", "haar")
-    finally:
-        app_module.VIDEO_MAX_SECONDS = 60.0
+    assert html.count('class="sb-timeline"') == 2 and "stopped decoding" not in html  # each person's emotion plot
+    cut = tmp_path / "cut.mp4"
+    frames = [frame.rgb for frame in read_frames(tmp_path / "walk.mp4")]
+    write_clip(cut, frames, [i / 8 for i in range(len(frames))], movflags="faststart")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    html, _ = analysis.analyze_clip(pipe, str(cut), "'cut.mp4'", "haar")
+    assert "cut.mp4&#x27; stopped decoding after" in html and f"of the {len(frames)} it announces" in html
+    in_memory = (tmp_path / "walk.mp4").read_bytes()  # as the Video tab reads an upload: the sweep cannot race it
+    assert analysis.analyze_clip(pipe, in_memory, "'walk.mp4'", "haar")[1] == tracks
+    monkeypatch.setattr(analysis, "VIDEO_MAX_SECONDS", 1.0)
+    with pytest.raises(Exception, match=r"'walk.mp4' is 3 s long, over the 1 s"):
+        analysis.analyze_clip(pipe, in_memory, "'walk.mp4'", "haar")
+
+
+FOUR_K_MEMORY = """
+import gc, sys
+sys.path[:0] = [{tests!r}, {repo!r}]
+import torch
+from tiny import TINY_VISION
+from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_demo import analysis, models
+
+def resident_kb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+torch.manual_seed(0)
+vision = {{"model_type": "clip_vision_model", **TINY_VISION}}
+pipe = models.build_pipeline(SoftBioModel(SoftBioConfig(vision_config=vision)))
+analysis.analyze_clip(pipe, {small!r}, "small.mp4", "haar")  # warm: libraries loaded, buffers made once
+gc.collect()
+before = resident_kb("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
+html, tracks = analysis.analyze_clip(pipe, {big!r}, "4k.mp4", "haar")
+print("TRACKS", len(tracks), "GROWTH_MB", (resident_kb("VmHWM:") - before) / 1024)
+"""
+
+
+def test_a_long_4k_clip_costs_the_demo_under_300_mb(tmp_path):
+    """60 s of 3840x2160 at 2 frames a second (120 frames, all analysed): the demo's peak memory grows by less than
+    300 MB while it analyses it (frames are decoded small and dropped; only thumbnails are kept)."""
+    import subprocess
+
+    import cv2
+    from clips import make_clip, two_people_frame, write_clip
+
+    make_clip(tmp_path / "small.mp4")
+    frame = cv2.resize(two_people_frame(), (3840, 2160), interpolation=cv2.INTER_LINEAR)
+    write_clip(tmp_path / "4k.mp4", [frame] * 120, [i / 2 for i in range(120)])
+    assert (tmp_path / "4k.mp4").stat().st_size < 2_000_000  # a small upload: the size cap does not stop it
+    code = FOUR_K_MEMORY.format(
+        tests=str(REPO / "tests"), repo=str(REPO), small=str(tmp_path / "small.mp4"), big=str(tmp_path / "4k.mp4")
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert "TRACKS 2" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    growth = float(result.stdout.split("GROWTH_MB")[1])
+    assert growth < 300, growth
 
 
 def next_result(page, start) -> str:
@@ -382,20 +542,12 @@ def next_result(page, start) -> str:
     return page.inner_text("#sb-result")
 
 
-def import_app():
-    sys.path.insert(0, str(REPO))
-    import app as app_module
-
-    return app_module
-
-
 def test_a_clip_checkpoint_becomes_the_zero_shot_model_built_once(tiny_clip_dir, tmp_path, monkeypatch):
-    app_module = import_app()
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
-    model, name = app_module.load_model(str(tiny_clip_dir))
+    model, name = models.load_model(str(tiny_clip_dir))
     assert name == f"zero-shot {tiny_clip_dir}" and model.config.zero_shot_source == str(tiny_clip_dir)
     monkeypatch.setattr(SoftBioModel, "from_clip", lambda *a, **k: pytest.fail("rebuilt instead of cached"))
-    _, name = app_module.load_model(str(tiny_clip_dir))
+    _, name = models.load_model(str(tiny_clip_dir))
     assert "cached" in name
 
 
@@ -404,7 +556,6 @@ def test_the_zero_shot_cache_knows_a_clip_folder_by_what_it_is(tiny_clip_dir, tm
     re-saved in place is built again."""
     from tiny import make_tiny_clip
 
-    app_module = import_app()
     monkeypatch.setenv("SOFTBIO_CACHE", str(tmp_path / "cache"))
 
     def weights(model):
@@ -416,24 +567,22 @@ def test_the_zero_shot_cache_knows_a_clip_folder_by_what_it_is(tiny_clip_dir, tm
         expected[place] = weights(SoftBioModel.from_clip(tmp_path / place / "clip"))
     for place in ("a", "b"):
         monkeypatch.chdir(tmp_path / place)
-        assert torch.equal(weights(app_module.load_model("clip")[0]), expected[place]), place
+        assert torch.equal(weights(models.load_model("clip")[0]), expected[place]), place
     make_tiny_clip(tmp_path / "b" / "clip", seed=3)  # saved again in place
-    model, name = app_module.load_model("clip")
+    model, name = models.load_model("clip")
     assert "cached" not in name and not torch.equal(weights(model), expected["b"])
 
 
 def test_a_missing_folder_is_said_to_be_missing(tmp_path):
-    app_module = import_app()
-    with pytest.raises(app_module.ModelUnavailable, match=r"no such folder"):
-        app_module.load_model(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(models.ModelUnavailable, match=r"no such folder"):
+        models.load_model(str(tmp_path / "missing" / "dir"))
 
 
 def test_a_checkpoint_of_another_kind_is_refused_with_the_reason(tmp_path):
-    app_module = import_app()
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(app_module.ModelUnavailable, match=r"a 'bert' checkpoint.*softbio checkpoint.*CLIP"):
-        app_module.load_model(str(tmp_path / "bert"))
+    with pytest.raises(models.ModelUnavailable, match=r"a 'bert' checkpoint.*softbio checkpoint.*CLIP"):
+        models.load_model(str(tmp_path / "bert"))
 
 
 def test_an_unreachable_hub_fails_at_once_and_says_what_to_pass(tmp_path):
@@ -464,28 +613,33 @@ def test_the_api_names_its_inputs_and_output(app):
     endpoint = api["named_endpoints"]["/analyze"]
     assert [p["label"] for p in endpoint["parameters"]] == ["image", "detector", "threshold"]
     assert [r["label"] for r in endpoint["returns"]] == ["faces"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == ["payload", "detector", "threshold"]  # what a keyword call must say
+    assert f"(inputs {', '.join(f'`{name}`' for name in names)}; output `faces`)" in (REPO / "README.md").read_text()
+    photo = handle_file(str(REPO / "examples" / "astronaut.jpg"))
+    faces = Client(app["url"], verbose=False).predict(payload=photo, detector="haar", threshold=0, api_name="/analyze")
+    assert len(faces) == 1  # the README's keyword call, as written there
 
 
 def test_upload_records_expire_stay_bounded_and_open_the_examples_to_all(tmp_path, monkeypatch):
-    app_module = import_app()
     example = tmp_path / "example.jpg"
     example.write_bytes(b"public example bytes")
-    owners = app_module.UploadOwners(max_age_s=60, examples=[example], max_requesters=2)
+    owners = uploads.UploadOwners(max_age_s=60, examples=[example], max_requesters=2)
     mine, theirs = tmp_path / "mine.jpg", tmp_path / "theirs.jpg"
     owners.record("cookie:a", [str(mine)])
     assert owners.owns("cookie:a", mine, b"x") and not owners.owns("cookie:b", mine, b"x")
     assert owners.owns("cookie:b", theirs, b"public example bytes")  # any copy of an example, by content
 
     clock = [1000.0]
-    monkeypatch.setattr(app_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(uploads.time, "monotonic", lambda: clock[0])
     owners.record("cookie:a", [str(theirs)])
     clock[0] += 61
     assert not owners.owns("cookie:a", theirs, b"x")  # expired with gradio's cache
-    monkeypatch.setattr(app_module, "MAX_UPLOADS_PER_REQUESTER", 3)
+    monkeypatch.setattr(uploads, "MAX_UPLOADS_PER_REQUESTER", 3)
     owners.record("cookie:a", [str(tmp_path / f"{i}.jpg") for i in range(5)])
     assert [owners.owns("cookie:a", tmp_path / f"{i}.jpg", b"x") for i in range(5)] == [False, False, True, True, True]
     owners.record("cookie:b", [str(mine)])
     owners.record("cookie:c", [str(mine)])  # a third requester: the least recent one (a) is dropped
     assert not owners.owns("cookie:a", tmp_path / "4.jpg", b"x") and owners.owns("cookie:c", mine, b"x")
-    assert app_module.requester_key({"softbio_uploader": "x" * 32}, "10.0.0.1") == "cookie:" + "x" * 32
-    assert app_module.requester_key({"softbio_uploader": "short"}, "10.0.0.1") == "address:10.0.0.1"
+    assert uploads.requester_key({"softbio_uploader": "x" * 32}, "10.0.0.1") == "cookie:" + "x" * 32
+    assert uploads.requester_key({"softbio_uploader": "short"}, "10.0.0.1") == "address:10.0.0.1"

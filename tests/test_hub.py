@@ -248,9 +248,12 @@ def test_space_dry_run_starts_and_answers_analyze(evaluated, tmp_path):
     out = tmp_path / "space"
     model = str(evaluated / "best")
     assert hub.main(["space", "--repo-id", "me/demo", "--model", model, "--dry-run", "--out", str(out)]) == 0
-    assert {"app.py", "README.md", "requirements.txt", "softbio_hf/modeling_softbio.py", "examples/astronaut.jpg"} <= {
-        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
-    }
+    staged_files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"app.py", "README.md", "requirements.txt", "softbio_hf/modeling_softbio.py", "examples/astronaut.jpg"} <= (
+        staged_files
+    )
+    demo_package = {f"softbio_demo/{p.name}" for p in (REPO / "softbio_demo").glob("*.py")}
+    assert {"softbio_demo/uploads.py", "softbio_demo/models.py"} <= demo_package <= staged_files  # app.py's parts
     readme = (out / "README.md").read_text()
     assert "sdk: gradio" in readme and "app_file: app.py" in readme and f"- {model}" in readme
     assert "deleted right after" not in readme and "older than two minutes" in readme  # what app.py really does

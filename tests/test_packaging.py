@@ -31,7 +31,7 @@ def test_the_wheel_holds_the_package_and_its_dependencies(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     package = {Path(n).name for n in names if n.startswith("softbio_hf/")}
     assert {p.name for p in (REPO / "softbio_hf").glob("*.py")} == package
-    assert not [n for n in names if n.startswith(("train/", "tests/", "bench/", "app.py"))]
+    assert not [n for n in names if n.startswith(("train/", "tests/", "bench/", "app.py", "softbio_demo/"))]
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     for requirement in ("transformers", "torch", "opencv-python-headless", "safetensors"):
         assert f"Requires-Dist: {requirement}" in metadata

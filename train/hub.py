@@ -22,6 +22,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "softbio_hf"
+DEMO_PACKAGE = REPO_ROOT / "softbio_demo"  # app.py's own parts: a Space carries it beside app.py
 LICENSE = "mit"
 # Where the benchmarks live, for the model-index (a Hub dataset id where one exists).
 DATASET_IDS = {"utkface": "UTKFace", "fairface": "HuggingFaceM4/FairFace", "rafdb": "RAF-DB", "vggface2": "VGGFace2"}
@@ -378,12 +379,14 @@ def model_card(
 
 # --------------------------------------------------------------------------------------------- space
 def stage_space(out: Path, model_repo: str, repo_id: str) -> list[str]:
-    """app.py, the package it imports, requirements, examples, and a README whose header names the model."""
+    """app.py, the packages it imports (the library and the demo's own), requirements, examples, and a README
+    whose header names the model."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "app.py", out / "app.py")
-    (out / "softbio_hf").mkdir(exist_ok=True)
-    for source in PACKAGE.glob("*.py"):
-        shutil.copy(source, out / "softbio_hf" / source.name)
+    for package in (PACKAGE, DEMO_PACKAGE):
+        (out / package.name).mkdir(exist_ok=True)
+        for source in package.glob("*.py"):
+            shutil.copy(source, out / package.name / source.name)
     (out / "examples").mkdir(exist_ok=True)
     for source in (REPO_ROOT / "examples").glob("*.jpg"):
         shutil.copy(source, out / "examples" / source.name)
