@@ -71,10 +71,13 @@ def register() -> None:
 
 # `python -m softbio_hf.predict` imports this package while Python still locates the command (sys.argv[0] is
 # "-m" until then). The command registers when it loads a model, so its --help and argument errors answer
-# without the seconds that torch and transformers' pipelines take to import.
+# without the seconds that torch and transformers' pipelines take to import. The training commands
+# (`python -m train.*`, the running __main__) import our safe files and extras this way too, and never need the
+# registry: they build SoftBioModel directly, or load through softbio_hf.predict, which registers.
 # The torch-free install (requirements-serve.txt) has neither torch nor transformers: its runtime and server need no
 # registration, so `import softbio_hf.runtime_light` works there.
-if sys.argv[:1] != ["-m"]:
+_COMMAND = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
+if sys.argv[:1] != ["-m"] and not _COMMAND.startswith("train."):
     try:
         register()
     except ImportError as error:

@@ -113,7 +113,7 @@ def test_help_answers_without_heavy_imports(module):
     import sys
 
     run = f"runpy.run_path('{REPO / 'app.py'}', run_name='__main__')" if module == "app" else (
-        f"runpy.run_module('{module}', run_name='__main__')"
+        f"runpy.run_module('{module}', run_name='__main__', alter_sys=True)"  # as python -m runs it
     )  # fmt: skip
     code = (
         f"import runpy, sys; sys.argv = ['{module}', '--help']\n"
