@@ -20,9 +20,10 @@ from synthetic import make_synthetic_folder, run_settings
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
-from train import checkpoints, hub, report
 from train import evaluate as evaluate_cli
+from train import hub, report
 from train import train as train_cli
+from train.checkpoints import BEST_WEIGHTS, TRAINER_STATE, checkpoints_in
 from train.config import load_config
 from train.data import features, prepare
 from train.loop import Run
@@ -90,8 +91,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_ships_nothing(da
     error = capsys.readouterr().err
     assert "the training loss is not finite at step" in error and "ships nothing" in error and "train.lr" in error
     assert not (out / "best").exists() and not (out / "eval").exists()
-    if (out / checkpoints.BEST_WEIGHTS).exists():  # what a run keeps is finite, always
-        assert all(torch.isfinite(t).all() for t in load_file(str(out / checkpoints.BEST_WEIGHTS)).values())
+    if (out / BEST_WEIGHTS).exists():  # what a run keeps is finite, always
+        assert all(torch.isfinite(t).all() for t in load_file(str(out / BEST_WEIGHTS)).values())
 
 
 def test_evaluation_refuses_non_finite_logits(tiny_model, data, tmp_path, capsys):
@@ -276,8 +277,8 @@ def test_resume_skips_a_damaged_checkpoint_and_continues_from_the_newest_intact_
     checkpoints = broken / "checkpoints"
     newest = checkpoints / "step-0000008"
     if damage == "trainer_state":
-        text = (newest / checkpoints.TRAINER_STATE).read_text()
-        (newest / checkpoints.TRAINER_STATE).write_text(text[: len(text) // 2])  # torn mid-write
+        text = (newest / TRAINER_STATE).read_text()
+        (newest / TRAINER_STATE).write_text(text[: len(text) // 2])  # torn mid-write
     elif damage == "weights":
         weights = next(newest.glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:-100])
@@ -309,10 +310,10 @@ def test_the_best_weights_follow_the_checkpoint_that_resume_continues_from(data,
 
     with pytest.raises(RuntimeError):
         train_cli.run_training(config, on_step=stop_at_6)
-    checkpoint = checkpoints.checkpoints_in(out)[-1]
-    kept = (checkpoint / checkpoints.BEST_WEIGHTS).read_bytes()
-    later = {name: value + 1 for name, value in load_file(str(out / checkpoints.BEST_WEIGHTS)).items()}
-    save_file(later, str(out / checkpoints.BEST_WEIGHTS))  # as a validation after the checkpoint would leave them
+    checkpoint = checkpoints_in(out)[-1]
+    kept = (checkpoint / BEST_WEIGHTS).read_bytes()
+    later = {name: value + 1 for name, value in load_file(str(out / BEST_WEIGHTS)).items()}
+    save_file(later, str(out / BEST_WEIGHTS))  # as a validation after the checkpoint would leave them
     run = Run(config, resume=True)
     try:
         run.setup()
@@ -320,7 +321,7 @@ def test_the_best_weights_follow_the_checkpoint_that_resume_continues_from(data,
         run.restore(run.resume_from)
     finally:
         run.lock.close()
-    assert run.step == 4 and (out / checkpoints.BEST_WEIGHTS).read_bytes() == kept
+    assert run.step == 4 and (out / BEST_WEIGHTS).read_bytes() == kept
 
 
 def test_a_disk_that_fills_up_while_saving_says_so(data, tiny_clip_dir, tmp_path, capsys, monkeypatch):
@@ -334,7 +335,7 @@ def test_a_disk_that_fills_up_while_saving_says_so(data, tiny_clip_dir, tmp_path
     assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 2
     error = capsys.readouterr().err
     assert "disk full at" in error and "--resume" in error and "Traceback" not in error
-    assert not checkpoints.checkpoints_in(out)
+    assert not checkpoints_in(out)
 
 
 # ------------------------------------------------------------------------- checks that come first
