@@ -29,7 +29,7 @@ class FaceStream(torch.utils.data.IterableDataset):
             yield self.faces_of(source)
 
     def load(self, source):
-        from .pipeline_softbio import load_image
+        from .images import load_image
 
         if isinstance(source.ref, tuple):
             folder, split, row = source.ref

@@ -55,7 +55,7 @@ def features():
 
 def decode_and_resize(row: dict[str, Any], image_size: int) -> dict[str, Any]:
     """Decode once (EXIF, modes, bomb cap as in the pipeline), resize the shorter side, store as JPEG."""
-    from softbio_hf.pipeline_softbio import ImageInputError, load_image
+    from softbio_hf.images import ImageInputError, load_image
 
     try:
         data = row.get("image_bytes")
