@@ -40,7 +40,7 @@ _PARTS = (
 SUPPORTED_BACKBONES = ("clip_vision_model",)
 # Keywords transformers passes through a model's forward to its attention layers (besides the output flags).
 _BACKBONE_KEYWORDS = frozenset(TransformersKwargs.__annotations__) - {"output_attentions", "output_hidden_states"}
-PIPELINE_FILES = ("pipeline_softbio.py", "faces.py", "runtimes.py", "video.py")
+PIPELINE_FILES = ("pipeline_softbio.py", "faces.py", "runtimes.py", "video.py", "conformal.py")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.pipelines.base import ChunkPipeline
 
+from .conformal import label_set
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
 from .modeling_softbio import expected_age_years, image_processor_for, refuse_untrained_heads
 
@@ -514,6 +515,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
             for task, labels in config.tasks.items():
                 probs = output[f"probs_{task}"].reshape(-1)
                 record[task] = _task_result(labels, probs.tolist(), top_k)
+                if (members := label_set(probs.tolist(), labels, config.calibration, task)) is not None:
+                    record[task]["set"] = members  # conformal: holds the true label at the fitted level
                 if task == "age" and config.age_years:
                     years = expected_age_years(probs, config.age_years, labels)
                     record[task]["years"] = round(float(years), 1)
