@@ -94,7 +94,7 @@ def test_sets_and_thresholds_equal_crepes(score, class_conditional):
     compared = 0
     for c in range(K):  # Mondrian over the label: each candidate label is judged among its own class's rows
         pool = np.sort(cal_scores[cal_y == c] if class_conditional else cal_scores)
-        bins = (lambda rows: np.full(rows, c)) if class_conditional else (lambda rows: None)
+        bins = (lambda rows, c=c: np.full(rows, c)) if class_conditional else (lambda rows: None)
         theirs = reference.predict_set(
             test_scores[:, c : c + 1], bins=bins(len(test_p)), confidence=LEVEL, smoothing=False
         )
@@ -178,3 +178,43 @@ def test_compare_flags_a_real_difference_and_not_noise(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lora vs zs" in out and "a real difference" in out.split("lora vs zs")[1].splitlines()[0]
     assert "within noise" in out.split("rerun vs zs")[1].splitlines()[0]
+
+
+# ------------------------------------------------------------------------------- the pipeline and the batch table
+
+
+def test_the_pipeline_returns_the_set_only_when_the_model_holds_thresholds(tiny_model, tmp_path):
+    from transformers import pipeline
+
+    import softbio_hf  # noqa: F401  registers the task
+
+    face = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    plain = pipeline("soft-biometrics", model=tiny_model, dtype="float32")(face, detector="none")[0]
+    assert all("set" not in plain[task] for task in ("age", "gender", "emotion"))
+    thresholds = {"age": [0.95] * 9, "gender": [1.0, 1.0]}  # gender: every label; age: p >= 0.05
+    tiny_model.config.calibration = {"conformal": {"level": 0.9, "score": "lac", "thresholds": thresholds}}
+    tiny_model.save_pretrained(tmp_path / "with-sets")
+    from softbio_hf import SoftBioModel
+
+    loaded = SoftBioModel.from_pretrained(tmp_path / "with-sets")  # the thresholds travel in config.json
+    record = pipeline("soft-biometrics", model=loaded, dtype="float32")(face, detector="none")[0]
+    assert record["gender"]["set"] == sorted(record["gender"]["scores"], key=record["gender"]["scores"].get)[::-1]
+    expected = [label for label, p in record["age"]["scores"].items() if p >= 0.05 - 1e-4]
+    assert set(record["age"]["set"]) == set(expected) and record["age"]["set"][0] == record["age"]["label"]
+    assert "set" not in record["emotion"]
+
+
+def test_the_batch_table_has_a_set_column_per_task_with_thresholds():
+    from softbio_hf.predict import columns, rows_for
+
+    tasks = {"age": ["0-2", "3-9"], "gender": ["male", "female"]}
+    names = columns(tasks, probabilities=False, sets=["gender"])
+    assert "gender_set" in names and "age_set" not in names
+    record = {
+        "box": {"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1},
+        "detection_score": 1.0,
+        "age": {"label": "3-9", "score": 0.6, "scores": {}},
+        "gender": {"label": "female", "score": 0.55, "scores": {}, "set": ["female", "male"]},
+    }
+    row = rows_for({"index": 0, "key": "a.jpg"}, [record], tasks, probabilities=False)[0]
+    assert row["gender_set"] == "female|male" and "age_set" not in row

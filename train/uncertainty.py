@@ -168,10 +168,12 @@ def summary_replicates(accuracies: Mapping[str, Mapping[str, np.ndarray]], repli
     keys = ("emotion", "age", "gender", "overall")
     out = {key: np.full(replicates, np.nan) for key in keys}
     for b in range(replicates):
-        row = {
-            name: {task: {"accuracy": float(a[b])} for task, a in tasks.items()} for name, tasks in accuracies.items()
+        # a task no drawn row labels is left out, as build_results leaves out a task without labelled rows
+        drawn = {
+            n: {t: {"accuracy": float(a[b])} for t, a in tasks.items() if np.isfinite(a[b])}
+            for n, tasks in accuracies.items()
         }
-        summary = summarize(row)
+        summary = summarize(drawn)
         for key in keys:
             out[key][b] = np.nan if summary.get(key) is None else summary[key]
     return out
