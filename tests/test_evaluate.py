@@ -235,6 +235,8 @@ def test_conformal_and_bootstrap_from_the_cli(prepared, tiny_model, tmp_path, ca
     )
     fair = report["fairness"]["fairface"]["age"]["race"]
     assert "gap_ci" in fair and all("accuracy_ci" in g for g in fair["groups"].values())
+    for group in fair["groups"].values():  # each group's interval is over that group's rows only
+        assert 0 <= group["accuracy_ci"][0] <= group["accuracy"] <= group["accuracy_ci"][1] <= 100
     assert (out / "rows.npz").is_file()
     assert "## Conformal prediction sets" in (out / "report.md").read_text()
     assert run_cli(*args, "--overwrite", "--conformal", 1.5) == 2

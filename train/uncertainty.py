@@ -150,7 +150,7 @@ def weighted_accuracy(counts: np.ndarray, outcome: np.ndarray, mask: np.ndarray 
     labelled = outcome >= 0 if mask is None else (outcome >= 0) & mask
     drawn = counts @ labelled.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return 100 * (counts @ (outcome == 1).astype(np.float64)) / np.where(drawn > 0, drawn, np.nan)
+        return 100 * (counts @ ((outcome == 1) & labelled).astype(np.float64)) / np.where(drawn > 0, drawn, np.nan)
 
 
 def interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> list[float] | None:
