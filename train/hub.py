@@ -32,7 +32,7 @@ DATA_TERMS = (
         "non-commercial research only; image copyrights stay with their owners",
         "https://susanqq.github.io/UTKFace/",
     ),
-    ("FairFace", "CC BY 4.0", "https://github.com/joojs/fairface"),
+    ("FairFace", "CC BY 4.0", "https://huggingface.co/datasets/HuggingFaceM4/FairFace"),
     ("RAF-DB", "non-commercial research only, released on a signed agreement", "http://www.whdeng.cn/raf/model1.html"),
     (
         "VGGFace2",
