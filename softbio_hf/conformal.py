@@ -32,7 +32,8 @@ def conformity_scores(probs: np.ndarray, score: str) -> np.ndarray:
         return 1.0 - probs
     if score == "aps":
         above = probs[:, None, :] > probs[:, :, None]  # [n, label, other]: other is more probable than label
-        return (probs[:, None, :] * above).sum(axis=-1) + probs
+        # a mass: at most 1 (float sums can pass it by an ulp, which would drop a label from a set with threshold 1)
+        return np.minimum((probs[:, None, :] * above).sum(axis=-1) + probs, 1.0)
     raise ValueError(f"conformal score {score!r}: use one of {', '.join(SCORES)}.")
 
 
