@@ -47,6 +47,7 @@ PIPELINE_FILES = (
     "face_stream.py",  # video: its Batcher
     "images.py",
     "runtime_light.py",
+    "conformal.py",
 )
 
 

@@ -358,7 +358,9 @@ class SoftBiometricsPipeline(ChunkPipeline):
             if output["face"] is None:
                 continue
             probs = {task: output[f"probs_{task}"].float().cpu().numpy() for task in config.tasks}
-            records.append(face_result(output["face"], probs, config.tasks, config.age_years, top_k))
+            records.append(
+                face_result(output["face"], probs, config.tasks, config.age_years, top_k, config.calibration)
+            )
         return records  # largest first: detect_faces sorted them and the chunks keep their order
 
 

@@ -188,6 +188,8 @@ def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabi
         for task in tasks:
             row[f"{task}_label"] = record[task]["label"]
             row[f"{task}_score"] = record[task]["score"]
+            if "set" in record[task]:  # conformal set, labels joined by "|" (a model with thresholds only)
+                row[f"{task}_set"] = "|".join(record[task]["set"])
             if probabilities:
                 row.update({f"{task}_prob_{label}": p for label, p in record[task]["scores"].items()})
         if "years" in record.get("age", {}):
@@ -196,10 +198,11 @@ def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabi
     return rows
 
 
-def columns(tasks: dict[str, list[str]], probabilities: bool) -> list[str]:
+def columns(tasks: dict[str, list[str]], probabilities: bool, sets: Sequence[str] = ()) -> list[str]:
+    """The table's columns; `sets`: the tasks the model holds conformal thresholds for (a `TASK_set` column)."""
     names = ["index", "source", "face", "faces", "status", "xmin", "ymin", "xmax", "ymax", "detection_score"]
     for task, labels in tasks.items():
-        names += [f"{task}_label", f"{task}_score"]
+        names += [f"{task}_label", f"{task}_score"] + ([f"{task}_set"] if task in sets else [])
         if probabilities:
             names += [f"{task}_prob_{label}" for label in labels]
     if "age" in tasks:
@@ -468,7 +471,8 @@ def predict(
             if state.is_main_process:
                 print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
         tasks = pipe.model.config.tasks
-        names = columns(tasks, probabilities)
+        conformal = (pipe.model.config.calibration or {}).get("conformal") or {}
+        names = columns(tasks, probabilities, sets=list(conformal.get("thresholds", {})))
         if any(is_video_source(source) for source in sources):
             names += VIDEO_COLUMNS
         parts = parts_folder(out)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .conformal import label_set
 from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
 from .images import DEFAULT_TIMEOUT_S, MAX_IMAGE_PIXELS, check_image, describe, load_image
 from .runtimes import ExportedModel, age_bin_bounds, exported_folder
@@ -143,13 +144,21 @@ def expected_years(age_probs: np.ndarray, age_years, labels=None) -> float:
 
 
 def face_result(
-    face: dict[str, Any], probs: dict[str, np.ndarray], tasks: dict[str, list[str]], age_years, top_k: int | None
+    face: dict[str, Any],
+    probs: dict[str, np.ndarray],
+    tasks: dict[str, list[str]],
+    age_years,
+    top_k: int | None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One face's record: its box and detection score, then each task's label, score and scores (age: years)."""
+    """One face's record: its box and detection score, then each task's label, score and scores (age: years), and
+    its conformal `set` where the model holds thresholds (softbio_hf.conformal)."""
     record = dict(face)
     for task, labels in tasks.items():
         values = np.asarray(probs[task], dtype=np.float32).reshape(-1)
         record[task] = task_result(labels, values.tolist(), top_k)
+        if (members := label_set(values.tolist(), labels, calibration, task)) is not None:
+            record[task]["set"] = members  # holds the true label at the fitted level (exchangeable data)
         if task == "age" and age_years:
             record[task]["years"] = round(float(np.float32(expected_years(values, age_years, labels))), 1)
     return record
@@ -270,7 +279,14 @@ class ExportedPipeline:
         probs = self.probabilities(crops, batch_size)
         age_years = self.manifest.get("age_years")
         return [
-            face_result(face, {task: values[i] for task, values in probs.items()}, self.tasks, age_years, top_k)
+            face_result(
+                face,
+                {task: values[i] for task, values in probs.items()},
+                self.tasks,
+                age_years,
+                top_k,
+                self.manifest.get("calibration"),
+            )
             for i, face in enumerate(faces)
         ]
 

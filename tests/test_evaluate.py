@@ -205,8 +205,42 @@ def test_compare_prints_one_row_per_run_and_the_difference(tmp_path, capsys):
         runs.append(path)
     assert run_cli("compare", *runs, "--baseline", "zs") == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| zs |") and lines[3].startswith("| lora |")
+    assert len(lines) == 6 and lines[2].startswith("| zs |") and lines[3].startswith("| lora |")
     assert "84.07 (+14.46)" in lines[3]
+    assert lines[5] == "lora vs zs: no paired test (not evaluated on the same rows with --bootstrap)"
+
+
+def test_conformal_and_bootstrap_from_the_cli(prepared, tiny_model, tmp_path, capsys):
+    """--conformal fits on the validation split, saves thresholds in config.calibration, reports test coverage;
+    --bootstrap puts an interval beside every accuracy and rows.npz beside results.json."""
+    tiny_model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    data = (prepared["utkface"], prepared["fairface"])
+    args = ("--model", tmp_path / "model", "--data", *data, "--out", out, "--dtype", "float32", "--bootstrap", 50)
+    assert run_cli(*args, "--conformal", 0.8, "--class-conditional", "--calibration-split", "train") == 0
+    report = json.loads((out / "results.json").read_text())
+    conformal = SoftBioModel.from_pretrained(out / "calibrated").config.calibration["conformal"]
+    assert conformal["level"] == 0.8 and conformal["class_conditional"] and conformal["fitted_on"] == "train"
+    assert len(conformal["thresholds"]["age"]) == 9
+    age = report["conformal"]["tasks"]["age"]
+    assert (
+        0 <= age["coverage"] <= 100
+        and 0 <= age["mean_set_size"] <= 9
+        and set(age["datasets"]) == set(report["results"])
+    )
+    low, high = report["results"]["utkface"]["gender"]["accuracy_ci"]
+    assert low <= report["results"]["utkface"]["gender"]["accuracy"] <= high
+    assert (
+        report["summary"]["ci"]["overall"][0] <= report["summary"]["overall"] <= report["summary"]["ci"]["overall"][1]
+    )
+    fair = report["fairness"]["fairface"]["age"]["race"]
+    assert "gap_ci" in fair and all("accuracy_ci" in g for g in fair["groups"].values())
+    for group in fair["groups"].values():  # each group's interval is over that group's rows only
+        assert 0 <= group["accuracy_ci"][0] <= group["accuracy"] <= group["accuracy_ci"][1] <= 100
+    assert (out / "rows.npz").is_file()
+    assert "## Conformal prediction sets" in (out / "report.md").read_text()
+    assert run_cli(*args, "--overwrite", "--conformal", 1.5) == 2
+    assert "--conformal 1.5" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ bad input

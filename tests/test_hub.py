@@ -138,6 +138,13 @@ def test_push_uploads_one_commit_with_weights_code_card_and_evaluation(evaluated
         assert section in text
     assert "hiring" in text and "binary" in text and "trust_remote_code=True" in text
     assert "| utkface | age | race |" in text  # the fairness table
+    low, high = results["summary"]["ci"]["overall"]  # evaluate's default bootstrap: intervals reach the card
+    assert f"[{low:.2f}, {high:.2f}]" in text
+    from train.hub import DATA_TERMS
+
+    for name, terms, url in DATA_TERMS:  # the licence table: each source, its terms and where they are stated
+        assert f"| {name} | {terms} | {url} |" in text
+    assert "The most restrictive is RAF-DB's" in text
     assert "Not evaluated" not in text
 
 

@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from softbio_hf.conformal import SCORES
 from softbio_hf.safe_files import atomic_write_text, folder_written_whole
 from train.errors import EvaluationError, MissingExtra, require_train_extra
 from train.metrics import Predictions, build_results, fit_temperatures
-from train.report import compare, strict_json, summary_table, write_plots, write_report
+from train.report import compare, strict_json, summary_table, write_outcomes, write_plots, write_report
 from train.schema import task_labels
+from train.uncertainty import add_intervals, conformal_report, fit_conformal, row_outcomes
 
 PREPARE_HINT = "python -m train.data prepare --dataset NAME --root DATASET_FOLDER --out {path}"
 
@@ -246,39 +248,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise EvaluationError(f"--dtype {args.dtype}: use auto, float32 or bfloat16.")
     out = writable_out(Path(args.out), args.overwrite)  # before any inference: a wrong --out is said at once
     splits = open_splits(args.data, args.split, args.limit)  # every folder is checked before the model loads
-    calibration_splits = {}
-    if args.calibrate:
-        for path, name in zip(args.data, splits, strict=True):
-            try:
-                calibration_splits[name] = open_split(path, args.calibration_split, args.limit)
-            except EvaluationError:
-                print(
-                    f"note: {name} has no {args.calibration_split!r} split; not used to fit temperatures",
-                    file=sys.stderr,
-                )
-        if not calibration_splits:
-            raise EvaluationError(
-                f"--calibrate: none of the datasets has a {args.calibration_split!r} split to fit on."
-            )
+    fitting = args.calibrate or args.conformal is not None
+    calibration_splits = open_calibration_splits(args, splits) if fitting else {}
     model = load_model(args.model, device=device, dtype=dtype)
     evaluated_tasks(model.config)
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers}
     predictions = {name: predict(model, data, desc=name, **options) for name, data in splits.items()}
-    temperatures = None
-    if args.calibrate:
-        fit_on = {
-            name: predict(model, data, desc=f"{name} ({args.calibration_split})", **options)
-            for name, data in calibration_splits.items()
-        }
-        temperatures = fit_temperatures(fit_on)
+    fit_on = {
+        name: predict(model, data, desc=f"{name} ({args.calibration_split})", **options)
+        for name, data in calibration_splits.items()
+    }
+    temperatures = fit_temperatures(fit_on) if args.calibrate else None
+    conformal = None
+    if args.conformal is not None:  # on the probabilities the saved model gives: after its temperatures
+        conformal = fit_conformal(
+            scaled(fit_on, temperatures),
+            args.conformal,
+            args.conformal_score,
+            args.class_conditional,
+            args.calibration_split,
+        )
     report = {"model": args.model, "name": args.name or model_name(args.model), "split": args.split}
-    if temperatures:
+    if temperatures or conformal:
         calibrated = load_model(args.model, device="cpu", dtype=torch.float32)  # full precision, not the eval dtype
-        apply_temperatures(calibrated, temperatures, fitted_on=args.calibration_split)
+        if temperatures:
+            apply_temperatures(calibrated, temperatures, fitted_on=args.calibration_split)
+        if conformal:
+            calibrated.config.calibration = {**(calibrated.config.calibration or {}), "conformal": conformal}
         with folder_written_whole(out / "calibrated") as staging:
             calibrated.save_pretrained(staging)
         report["calibrated_model"] = str(out / "calibrated")
-    return write_evaluation(out, report, predictions, model.config, temperatures)
+    uncertainty = {"conformal": conformal, "bootstrap": args.bootstrap, "seed": args.seed}
+    return write_evaluation(out, report, predictions, model.config, temperatures, **uncertainty)
+
+
+def open_calibration_splits(args: argparse.Namespace, splits: Mapping[str, Any]) -> dict[str, Any]:
+    """--calibration-split of each --data folder that has one (temperatures and conformal thresholds fit on it)."""
+    found = {}
+    for path, name in zip(args.data, splits, strict=True):
+        try:
+            found[name] = open_split(path, args.calibration_split, args.limit)
+        except EvaluationError:
+            print(f"note: {name} has no {args.calibration_split!r} split; not used for fitting", file=sys.stderr)
+    if not found:
+        option = "--calibrate" if args.calibrate else "--conformal"
+        raise EvaluationError(f"{option}: none of the datasets has a {args.calibration_split!r} split to fit on.")
+    return found
+
+
+def scaled(predictions: Mapping[str, Predictions], temperatures: Mapping[str, float] | None):
+    """The predictions with each task's logits divided by its temperature (what the calibrated model outputs)."""
+    if not temperatures:
+        return predictions
+    return {
+        name: Predictions(
+            logits={t: v / temperatures.get(t, 1.0) for t, v in p.logits.items()},
+            labels=p.labels,
+            age_years=p.age_years,
+            race=p.race,
+            notes=p.notes,
+        )
+        for name, p in predictions.items()
+    }
 
 
 def writable_out(out: Path, overwrite: bool = False) -> Path:
@@ -308,10 +339,29 @@ def open_splits(paths: Sequence[str | Path], split: str, limit: int | None = Non
     return splits
 
 
-def write_evaluation(out: Path, report: dict[str, Any], predictions, config, temperatures=None) -> dict[str, Any]:
-    """results.json, report.md and the plots for `predictions`; `report` holds model, name and split."""
+def write_evaluation(
+    out: Path,
+    report: dict[str, Any],
+    predictions,
+    config,
+    temperatures=None,
+    *,
+    conformal: Mapping[str, Any] | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """
+    results.json, report.md and the plots for `predictions`; `report` holds model, name and split. With
+    `conformal` (thresholds from fit_conformal) the sets' coverage on these rows; with `bootstrap` replicates,
+    intervals beside every accuracy, and rows.npz (each row right or wrong) for compare's paired test.
+    """
     report["tasks"] = {task: list(labels) for task, labels in config.tasks.items()}  # what the scores refer to
     report.update(build_results(predictions, config, temperatures))
+    if conformal:
+        report["conformal"] = conformal_report(scaled(predictions, temperatures), config, conformal)
+    if bootstrap:
+        add_intervals(report, predictions, config, bootstrap, seed)
+        write_outcomes(out, row_outcomes(predictions))
     report["plots"] = write_plots(out, predictions, config, temperatures)
     atomic_write_text(out / "results.json", strict_json(report))
     write_report(out, report, report["plots"])
@@ -353,7 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit one temperature per task and save a calibrated copy in OUT/calibrated",
     )
-    parser.add_argument("--calibration-split", default="validation", help="split the temperatures are fitted on")
+    parser.add_argument(
+        "--calibration-split", default="validation", help="split temperatures and conformal thresholds are fitted on"
+    )
+    parser.add_argument(
+        "--conformal",
+        type=float,
+        default=None,
+        metavar="LEVEL",
+        help="fit conformal prediction sets holding the true label with probability LEVEL (e.g. 0.9); saved with "
+        "the model in OUT/calibrated, coverage reported on --split",
+    )
+    parser.add_argument(
+        "--conformal-score", default="lac", choices=SCORES, help="lac (smallest sets, default) or aps (adaptive)"
+    )
+    parser.add_argument(
+        "--class-conditional",
+        action="store_true",
+        help="one threshold per true label (Mondrian): the level holds for each label, not only on average",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000; 0: none)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
     return parser
 
 
@@ -379,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         require_train_extra("python -m train.evaluate", "datasets", "matplotlib")
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.num_workers < 0:
             raise EvaluationError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
+        if args.conformal is not None and not 0 < args.conformal < 1:
+            raise EvaluationError(f"--conformal {args.conformal}: give a level between 0 and 1, e.g. 0.9.")
+        if args.bootstrap < 0:
+            raise EvaluationError(f"--bootstrap {args.bootstrap}: give a number of replicates, 0 to turn it off.")
         report = run(args)
     except (EvaluationError, MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,23 @@ DEMO_PACKAGE = REPO_ROOT / "softbio_demo"  # app.py's own parts: a Space carries
 LICENSE = "mit"
 # Where the benchmarks live, for the model-index (a Hub dataset id where one exists).
 DATASET_IDS = {"utkface": "UTKFace", "fairface": "HuggingFaceM4/FairFace", "rafdb": "RAF-DB", "vggface2": "VGGFace2"}
+# The benchmarks' terms, each from its publisher's page (read them before use: they bind you, not this table).
+DATA_TERMS = (
+    (
+        "UTKFace",
+        "non-commercial research only; image copyrights stay with their owners",
+        "https://susanqq.github.io/UTKFace/",
+    ),
+    ("FairFace", "CC BY 4.0", "https://huggingface.co/datasets/HuggingFaceM4/FairFace"),
+    ("RAF-DB", "non-commercial research only, released on a signed agreement", "http://www.whdeng.cn/raf/model1.html"),
+    (
+        "VGGFace2",
+        "see terms at the URL (the official download is withdrawn)",
+        "https://www.robots.ox.ac.uk/~vgg/data/vgg_face2/",
+    ),
+    ("CLIP ViT-L/14@336 (base model)", "MIT", "https://github.com/openai/CLIP/blob/main/LICENSE"),
+)
+MOST_RESTRICTIVE = "RAF-DB"
 TASK_NAMES = {"age": "age group", "gender": "gender", "emotion": "facial expression"}
 # What the Space needs of requirements.txt: inference only.
 TRAINING_ONLY = ("peft", "accelerate", "datasets", "matplotlib", "tensorboard")
@@ -228,7 +245,7 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     from softbio_hf.hub_access import hub_repo_id
-    from train.report import calibration_markdown, fairness_table, per_dataset_table, summary_table
+    from train.report import calibration_markdown, conformal_markdown, fairness_table, per_dataset_table, summary_table
 
     adapter_method = (config.adapter or {}).get("method", "zs")
     data = ModelCardData(
@@ -314,6 +331,8 @@ def model_card(
             calibration_markdown(results.get("calibration") or {}),
             "",
         ]
+        if results.get("conformal"):  # the thresholds ship in config.json: the pipeline returns each task's "set"
+            lines += ["### Prediction sets (conformal)", "", conformal_markdown(results["conformal"]), ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     lines += [
         "## Intended uses",
@@ -370,8 +389,14 @@ def model_card(
         *(onnx_usage(repo_id, config) if exported else []),
         "## Licence",
         "",
-        f"The weights and code here: {LICENSE.upper()}. The base model and the benchmarks have licences of their own "
-        "(RAF-DB, for one, is for non-commercial research); check them for your use.",
+        f"The weights and code here: {LICENSE.upper()}. The base model and the benchmarks have terms of their own:",
+        "",
+        "| source | licence or terms | where they are stated |",
+        "|---|---|---|",
+        *(f"| {name} | {terms} | {url} |" for name, terms, url in DATA_TERMS),
+        "",
+        f"The most restrictive is {MOST_RESTRICTIVE}'s (non-commercial research, by agreement): weights trained on it "
+        "may inherit its terms; check them for your use.",
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines))

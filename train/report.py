@@ -4,6 +4,7 @@ read back and checked, and `compare`."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from softbio_hf.safe_files import atomic_write_text
+from softbio_hf.safe_files import atomic_write_bytes, atomic_write_text
 from train.errors import EvaluationError
 from train.metrics import (
     SUMMARY_TASKS,
@@ -24,6 +25,10 @@ from train.metrics import (
     softmax,
 )
 from train.schema import IGNORE, SYNTHETIC_AGE_DATASETS, is_finite_number
+from train.uncertainty import paired_difference
+
+OUTCOMES_FILE = "rows.npz"  # beside results.json: each test row right or wrong, for compare's paired bootstrap
+COMPARE_REPLICATES = 1000
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
@@ -56,6 +61,12 @@ def percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def with_interval(value: float | None, ci: Sequence[float] | None, digits: int = 2) -> str:
+    """`84.10 [83.20, 85.00]`: a number and its bootstrap interval, where it has one."""
+    text = percent(value, digits)
+    return text if not ci or value is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def summary_table(rows: Sequence[tuple[str, Mapping[str, Any]]], baseline: str | None = None) -> str:
     """Markdown Table 4.11: one row per run; with a baseline, each cell also shows the difference to it."""
     base = dict(rows).get(baseline) if baseline else None
@@ -63,7 +74,7 @@ def summary_table(rows: Sequence[tuple[str, Mapping[str, Any]]], baseline: str |
     for name, summary in rows:
         cells = []
         for key in (*SUMMARY_TASKS, "overall"):
-            cell = percent(summary.get(key))
+            cell = with_interval(summary.get(key), (summary.get("ci") or {}).get(key))
             if base is not None and name != baseline and summary.get(key) is not None and base.get(key) is not None:
                 cell += f" ({summary[key] - base[key]:+.2f})"
             cells.append(cell)
@@ -80,7 +91,8 @@ def per_dataset_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         for task, m in tasks.items():
             mae = f"{m['mae_years']:.2f}" if "mae_years" in m else "-"
             lines.append(
-                f"| {name} | {task} | {m['n']:,} | {percent(m['accuracy'])} | {percent(m['balanced_accuracy'])} | "
+                f"| {name} | {task} | {m['n']:,} | {with_interval(m['accuracy'], m.get('accuracy_ci'))} | "
+                f"{percent(m['balanced_accuracy'])} | "
                 f"{percent(m['macro_f1'])} | {percent(m.get('one_off_accuracy'))} | {mae} | {percent(m['ece'])} |"
             )
     return "\n".join(lines)
@@ -91,10 +103,14 @@ def fairness_table(fairness: Mapping[str, Any]) -> str:
     for name, tasks in fairness.items():
         for task, by in tasks.items():
             for kind, entry in by.items():
-                groups = ", ".join(f"{g} {v['accuracy']:.1f} ({v['n']})" for g, v in entry["groups"].items())
+                groups = ", ".join(
+                    f"{g} {with_interval(v['accuracy'], v.get('accuracy_ci'), 1)} ({v['n']})"
+                    for g, v in entry["groups"].items()
+                )
                 lines.append(
                     f"| {name} | {task} | {kind} | {groups} | {entry['worst_group']} "
-                    f"({entry['worst_accuracy']:.1f}) | {entry['gap']:.2f} |"
+                    f"({with_interval(entry['worst_accuracy'], entry.get('worst_accuracy_ci'), 1)}) | "
+                    f"{with_interval(entry['gap'], entry.get('gap_ci'))} |"
                 )
     return "\n".join(lines)
 
@@ -111,6 +127,78 @@ def calibration_markdown(calibration: Mapping[str, Any]) -> str:
             f"{percent(row.get('nll_after'), 4)} |"
         )
     return "\n".join(lines)
+
+
+def conformal_markdown(conformal: Mapping[str, Any]) -> str:
+    """Coverage and mean set size per task, per dataset and per true label, against the level asked for."""
+    kind = "class-conditional" if conformal["class_conditional"] else "marginal"
+    lines = [
+        f"Level {100 * conformal['level']:.0f}%, {conformal['score'].upper()} score, {kind} thresholds.",
+        "",
+        "| task | where | n | coverage % | mean set size |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for task, entry in conformal["tasks"].items():
+        rows = [("all", entry)] + [(f"dataset {n}", r) for n, r in entry["datasets"].items()]
+        rows += [(f"true {label}", r) for label, r in entry["per_label"].items()]
+        rows += [
+            (f"{name} {kind} {g}", r)
+            for name, d in entry["datasets"].items()
+            for kind in ("race", "gender")
+            for g, r in d.get(kind, {}).items()
+        ]
+        lines += [f"| {task} | {w} | {r['n']:,} | {r['coverage']:.2f} | {r['mean_set_size']:.2f} |" for w, r in rows]
+    return "\n".join(lines)
+
+
+def write_outcomes(out: Path, outcomes: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """rows.npz: per dataset and task, each row 1 right, 0 wrong, -1 unlabelled (keys `dataset/task`)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, **{f"{name}/{task}": v for name, tasks in outcomes.items() for task, v in tasks.items()}
+    )
+    atomic_write_bytes(out / OUTCOMES_FILE, buffer.getvalue())
+
+
+def read_outcomes(results_path: str | Path) -> dict[str, dict[str, np.ndarray]] | None:
+    """The rows.npz beside a results.json, or None where the evaluation wrote none (--bootstrap 0)."""
+    path = Path(results_path).parent / OUTCOMES_FILE
+    if not path.is_file():
+        return None
+    outcomes: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as saved:
+        for key in saved.files:
+            name, task = key.rsplit("/", 1)
+            outcomes.setdefault(name, {})[task] = saved[key]
+    return outcomes
+
+
+def same_rows(a: Mapping[str, Mapping[str, np.ndarray]], b: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Two evaluations over the same rows: same datasets, tasks, row counts and labelled rows."""
+    return a.keys() == b.keys() and all(
+        a[n].keys() == b[n].keys() and all(np.array_equal(a[n][t] < 0, b[n][t] < 0) for t in a[n]) for n in a
+    )
+
+
+def paired_lines(runs: Sequence[tuple[str, Any]], baseline: str, seed: int = 0) -> list[str]:
+    """Per run against the baseline: the overall difference's paired-bootstrap interval and whether it is real."""
+    outcomes = dict(runs)
+    base = outcomes[baseline]
+    lines = []
+    for name, rows in runs:
+        if name == baseline:
+            continue
+        if rows is None or base is None or not same_rows(rows, base):
+            lines.append(f"{name} vs {baseline}: no paired test (not evaluated on the same rows with --bootstrap)")
+            continue
+        diff = paired_difference(rows, base, COMPARE_REPLICATES, seed)["overall"]
+        if diff["ci"] is None:
+            lines.append(f"{name} vs {baseline}: no overall score to compare")
+            continue
+        verdict = "a real difference" if diff["differs"] else "within noise"
+        low, high = diff["ci"]
+        lines.append(f"{name} vs {baseline}: overall difference 95% interval [{low:+.2f}, {high:+.2f}]: {verdict}")
+    return lines
 
 
 def write_report(out: Path, report: Mapping[str, Any], plots: Sequence[str]) -> None:
@@ -147,6 +235,15 @@ def write_report(out: Path, report: Mapping[str, Any], plots: Sequence[str]) -> 
         calibration_markdown(report["calibration"]),
         "",
     ]
+    if report.get("conformal"):
+        lines += ["## Conformal prediction sets", "", conformal_markdown(report["conformal"]), ""]
+    if report.get("bootstrap"):
+        boot = report["bootstrap"]
+        lines += [
+            f"Intervals in brackets: {100 * boot['level']:.0f}% percentile bootstrap over the test rows "
+            f"({boot['replicates']} replicates, seed {boot['seed']}).",
+            "",
+        ]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {name}: {note}" for name, notes in report["notes"].items() for note in notes]
         lines.append("")
@@ -276,12 +373,14 @@ def read_results(path: str | Path) -> dict[str, Any]:
 def compare(paths: Sequence[str], names: Sequence[str] | None, baseline: str | None) -> str:
     if names and len(names) != len(paths):
         raise EvaluationError(f"--names gives {len(names)} names for {len(paths)} runs.")
-    rows = []
+    rows, outcomes = [], []
     for index, path in enumerate(paths):
         report = read_results(path)
         name = names[index] if names else report.get("name") or Path(path).parent.name
         rows.append((name, report["summary"]))
+        outcomes.append((name, read_outcomes(path)))
     known = [name for name, _ in rows]
     if baseline is not None and baseline not in known:
         raise EvaluationError(f"--baseline {baseline!r} is none of the runs {known}.")
-    return summary_table(rows, baseline if baseline is not None else known[0])
+    baseline = baseline if baseline is not None else known[0]
+    return "\n".join([summary_table(rows, baseline), "", *paired_lines(outcomes, baseline)])
