@@ -78,10 +78,12 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
     # Every event takes its inputs unprocessed (preprocess=False): the upload's own path, which gradio would
     # otherwise replace by a converted copy (an RGBA or grey photo) or shadow with an empty temporary file
     # (gr.File, one per call), and which read_upload checks is the requester's.
+    set_level = ((pipe.model.config.calibration or {}).get("conformal") or {}).get("level")
+
     def analyze_upload(payload, detector, threshold, request: gr.Request):
         data, name = read_upload(upload_path(payload), requester_of(request), owners)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
-        return result_html(annotate(rgb, faces), faces), faces
+        return result_html(annotate(rgb, faces), faces, set_level), faces
 
     def analyze_clip_upload(payload, detector, threshold, request: gr.Request):
         video = payload.get("video") if isinstance(payload, dict) and "video" in payload else payload

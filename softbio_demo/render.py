@@ -143,7 +143,18 @@ def bars_html(scores: dict[str, float]) -> str:
     return "".join(rows)
 
 
-def result_html(annotated, faces: list[dict[str, Any]]) -> str:
+def set_html(members: list[str], level: float | None) -> str:
+    """A task's conformal set (softbio_hf.conformal): the labels that hold the true one at the fitted level."""
+    share = f"{100 * level:.0f}%" if level else "calibrated"
+    names = " or ".join(html.escape(label) for label in members) if members else "none of the labels"
+    return (
+        f"<p class='sb-set' title='Holds the true label {share} of the time on data like the calibration "
+        f"split (conformal prediction)'>{share} set: {names}</p>"
+    )
+
+
+def result_html(annotated, faces: list[dict[str, Any]], set_level: float | None = None) -> str:
+    """The annotated photo and one card per face; `set_level` is the model's conformal level, if it holds one."""
     parts = [f'<img class="sb-photo" alt="photo with face boxes" src="{image_data_url(annotated)}">']
     if not faces:
         parts.append(
@@ -159,8 +170,10 @@ def result_html(annotated, faces: list[dict[str, Any]]) -> str:
             headline = face[task]["label"]
             if task == "age" and "years" in face[task]:
                 headline += f" (about {face[task]['years']:.0f} years)"
+            conformal = set_html(face[task]["set"], set_level) if "set" in face[task] else ""
             cards.append(
-                f"<div class='sb-task'><h4>{title}: {html.escape(headline)}</h4>{bars_html(face[task]['scores'])}</div>"
+                f"<div class='sb-task'><h4>{title}: {html.escape(headline)}</h4>{conformal}"
+                f"{bars_html(face[task]['scores'])}</div>"
             )
         parts.append(f'<div class="sb-face" style="border-color:{colour}"><h3>Face {i + 1}</h3>{"".join(cards)}</div>')
     return f'<div class="sb-result">{"".join(parts)}</div>'
@@ -172,6 +185,7 @@ CSS = """
 .sb-task h4 {margin: 6px 0 2px;}
 .sb-row {display: flex; align-items: center; gap: 8px; font-size: 0.9em;}
 .sb-label {width: 80px;}
+.sb-set {margin: 0 0 4px; font-size: 0.9em; color: #555;}
 .sb-bar {flex: 1; background: #eee; border-radius: 4px; height: 10px; overflow: hidden;}
 .sb-bar span {display: block; height: 100%; background: #4363d8;}
 .sb-score {width: 52px; text-align: right;}

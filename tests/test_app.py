@@ -33,6 +33,11 @@ def serve_tiny_model(root, env: dict[str, str]):
     """app.py on a tiny random softbio checkpoint saved under root."""
     torch.manual_seed(0)
     model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    # conformal thresholds as train.evaluate --conformal 0.9 stores them: the page shows each task's set
+    thresholds = {task: [0.95] * len(labels) for task, labels in model.config.tasks.items()}
+    model.config.calibration = {
+        "conformal": {"level": 0.9, "score": "lac", "class_conditional": False, "thresholds": thresholds}
+    }
     model.save_pretrained(root / "ckpt")
     return running_app(REPO / "app.py", root / "ckpt", root, env=env)
 
@@ -50,6 +55,7 @@ def test_api_analyze_returns_the_astronaut_face(app):
     assert len(faces) == 1
     assert covers(faces[0]["box"], ASTRONAUT_KEYPOINTS)
     assert {"age", "gender", "emotion", "box", "detection_score"} <= set(faces[0])
+    assert faces[0]["gender"]["set"] == ["male", "female"] or faces[0]["gender"]["set"] == ["female", "male"]
 
 
 def test_api_bad_upload_is_a_readable_error_and_the_app_keeps_serving(app, tmp_path):
@@ -319,8 +325,9 @@ def test_browser_uploads_a_photo_and_sees_the_labels(app, tmp_path):
             page.click("#analyze")
             page.wait_for_selector("#sb-result .sb-face", timeout=60_000)
             text = page.inner_text("#sb-result")
-            for expected in ("Face 1", "Age group", "Gender", "Emotion", "years"):
+            for expected in ("Face 1", "Age group", "Gender", "Emotion", "years", "90% set: "):
                 assert expected in text
+            assert text.count("90% set: ") == 3  # one per task, beside its top label
             page.screenshot(path=str(shots / "app.png"), full_page=True)
 
             # An example photo can be analysed twice: its cached copy must survive the first request.
