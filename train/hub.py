@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from softbio_hf.safe_files import folder_written_whole
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "softbio_hf"
 DEMO_PACKAGE = REPO_ROOT / "softbio_demo"  # app.py's own parts: a Space carries it beside app.py
@@ -557,7 +559,8 @@ def push_model(
         out = Path(dry_run_to)
         if out.exists() and any(out.iterdir()):
             raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
-        files = stage_model(model_dir, out, repo_id, Path(results) if results else None, merge, export)
+        with folder_written_whole(out) as staging:  # the whole folder or none: a failed stage leaves no half
+            files = stage_model(model_dir, staging, repo_id, Path(results) if results else None, merge, export)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
     with tempfile.TemporaryDirectory(prefix="softbio-push-") as staging:
         stage_model(model_dir, Path(staging), repo_id, Path(results) if results else None, merge, export)
@@ -577,7 +580,8 @@ def push_space(repo_id: str, model_repo: str, *, private=False, token=None, dry_
         out = Path(dry_run_to)
         if out.exists() and any(out.iterdir()):
             raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
-        files = stage_space(out, model_repo, repo_id)
+        with folder_written_whole(out) as staging:
+            files = stage_space(staging, model_repo, repo_id)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
     with tempfile.TemporaryDirectory(prefix="softbio-space-") as staging:
         stage_space(Path(staging), model_repo, repo_id)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from softbio_hf.safe_files import atomic_write_bytes, atomic_write_text
+from softbio_hf.safe_files import atomic_path, atomic_write_bytes, atomic_write_text
 from train.errors import EvaluationError
 from train.metrics import (
     SUMMARY_TASKS,
@@ -52,7 +52,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
     right.set_xlabel("step")
     right.set_ylabel("validation overall accuracy %")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=110)
     plt.close(fig)
     return str(path)
 
@@ -288,7 +289,8 @@ def write_plots(out: Path, predictions: Mapping[str, Predictions], config, tempe
             ax.set_title(f"{name} {task} (n={int(labelled.sum())})")
             fig.tight_layout()
             file = f"confusion_{name}_{task}.png"
-            fig.savefig(out / file, dpi=110)
+            with atomic_path(out / file) as partial:
+                fig.savefig(partial, dpi=110)
             plt.close(fig)
             written.append(file)
     for task in sorted({t for p in predictions.values() for t in p.logits}):
@@ -318,7 +320,8 @@ def write_plots(out: Path, predictions: Mapping[str, Predictions], config, tempe
         ax.legend(loc="upper left", fontsize=7)
         fig.tight_layout()
         file = f"reliability_{task}.png"
-        fig.savefig(out / file, dpi=110)
+        with atomic_path(out / file) as partial:
+            fig.savefig(partial, dpi=110)
         plt.close(fig)
         written.append(file)
     return written
