@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .safe_files import unwritable_reason
+
 FORMATS = ("onnx", "openvino")
 OPSET = 18
 
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size is not None and args.batch_size < 1:
             raise ExportError("--batch-size must be at least 1 (or left out for a dynamic batch).")
+        if reason := unwritable_reason(Path(args.out) / "manifest.json"):  # before the model loads (seconds)
+            raise ExportError(f"--out {args.out} cannot be written: {reason}. Choose a folder you can write.")
         model = load_model(args.model)
         if args.merge:
             model.merge_adapters()

@@ -349,3 +349,18 @@ def test_a_vggface2_subset_keeps_n_images_per_identity_the_same_on_every_run(tmp
     assert data_main(["prepare", "--dataset", "utkface", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "u"),
                       "--per-identity", "2"]) == 2  # fmt: skip
     assert "use them with vggface2" in capsys.readouterr().err
+
+
+def test_prepare_and_export_name_an_out_under_a_file_before_any_work(tmp_path, capsys):
+    from softbio_hf.export import main as export_main
+    from train.data import main as data_main
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "raw").mkdir()
+    below = str(tmp_path / "a-file" / "below")
+    assert data_main(["prepare", "--dataset", "utkface", "--root", str(tmp_path / "raw"), "--out", below]) == 2
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err
+    # the model is never loaded: the bogus id would otherwise be the error
+    assert export_main(["--model", "no/such-model", "--out", below]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'a-file'} is a file, not a folder" in error and "no/such-model" not in error

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from softbio_hf.safe_files import atomic_write_json, replace_folder, staging_folder
+from softbio_hf.safe_files import atomic_write_json, replace_folder, staging_folder, unwritable_reason
 from train.errors import MissingExtra, require_train_extra
 from train.readers import READERS, SOURCES, SkipReport, fairface_from_hub, inside
 from train.sampling import Balancing, balanced_weights, draw_shares, label_columns
@@ -183,6 +183,8 @@ def check_out(out: Path, root: Path | None, overwrite: bool) -> Path:
         raise ValueError(f"--out {out} and --root {root} overlap; write the prepared dataset elsewhere.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder.")
+    if reason := unwritable_reason(out / "dataset_dict.json"):
+        raise ValueError(f"--out {out} cannot be written: {reason}. Choose a folder you can write.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite to replace it.")
     try:
