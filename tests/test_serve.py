@@ -35,9 +35,13 @@ def checkpoint_and_export(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny checkpoint, and its ONNX export written to a folder of its own by the command a user runs."""
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
-        root / "model"
-    )
+    model = SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION}))
+    # conformal thresholds (as train.evaluate --conformal stores them) travel in the export's manifest
+    thresholds = {"age": [0.95] * 9, "gender": [0.5, 0.5], "emotion": [0.95] * 7}
+    model.config.calibration = {
+        "conformal": {"level": 0.9, "score": "lac", "class_conditional": False, "thresholds": thresholds}
+    }
+    model.save_pretrained(root / "model")
     command = [sys.executable, "-m", "softbio_hf.export", "--model", str(root / "model"), "--format", "onnx"]
     done = subprocess.run([*command, "--out", str(root / "served")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,8 +127,10 @@ def test_an_export_of_its_own_serves_the_pipelines_json_where_torch_cannot_be_im
             assert face_got["age"]["years"] == pytest.approx(face_expected["age"]["years"], abs=0.1)
             for task in ("age", "gender", "emotion"):
                 assert face_got[task]["label"] == face_expected[task]["label"]
+                assert face_got[task]["set"] == face_expected[task]["set"]  # the same conformal sets, torch-free
                 for label, p in face_expected[task]["scores"].items():
                     assert face_got[task]["scores"][label] == pytest.approx(p, abs=1e-4)
+            assert face_got["gender"]["set"] == [face_got["gender"]["label"]]  # 1 - p <= 0.5 for the top one only
 
 
 def test_the_server_refuses_with_a_status_and_a_reason(checkpoint_and_export, tmp_path):
