@@ -14,8 +14,9 @@ mkdir -p "$OUT"
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
 
 # Inference: naive fp32 batch 1 against ours (bf16, SDPA) at a large batch, plain and compiled; the pipeline.
+# SPEED_FLAGS: more options, e.g. "--no-compile".
 "$PYTHON" -m bench.speed --device "$DEVICE" $TINY_FLAG --images "${IMAGES:-1024}" --batch-size "${BATCH:-256}" \
-  --photos "${PHOTOS:-64}" --json "$OUT/speed.json" | tee "$OUT/speed.md"
+  --photos "${PHOTOS:-64}" ${SPEED_FLAGS:-} --json "$OUT/speed.json" | tee "$OUT/speed.md"
 # Training: one optimizer step per method through train.train's own step, batch 64, with the speed switches.
 # TRAIN_FLAGS: more options, e.g. "--methods lora mtlora --no-compile".
 # The data loader (prepared rows to augmented batches) is timed with LOADER_WORKERS workers against the LoRA step.
