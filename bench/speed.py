@@ -354,7 +354,7 @@ def exported_rows(table, config, backends, pixels, photo, photos, batch_size, de
         model.save_pretrained(folder)
         for backend in backends:
             started = time.perf_counter()
-            export(model, folder, [backend])
+            export(model, folder, [backend], checkpoint=folder)  # beside the weights just saved there
             seconds[backend] = round(time.perf_counter() - started, 1)
             precisions = ["float32"] + (["auto"] if backend == "openvino" and fast == torch.bfloat16 else [])
             for dtype in precisions:
