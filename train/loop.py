@@ -484,8 +484,10 @@ class Run:
                 if self.stop_agreed(stops):
                     raise Interrupted(self.checkpoint_for_stop(), self.step, stops.received)
         except KeyboardInterrupt:
-            # A second signal, or one outside the handler: a step cut in half is never saved as if whole.
-            folder = self.checkpoint_for_stop() if not stepping else (checkpoints_in(self.out) or [None])[-1]
+            # A second signal, or one outside the handler: a step cut in half is never saved as if whole, and under
+            # a launcher the other processes may not be here to save with this one (a collective save would hang).
+            alone = self.accelerator.num_processes == 1
+            folder = self.checkpoint_for_stop() if alone and not stepping else (checkpoints_in(self.out) or [None])[-1]
             raise Interrupted(folder, self.step) from None
         finally:
             bar.close()
