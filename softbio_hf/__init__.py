@@ -42,9 +42,16 @@ if TYPE_CHECKING:
     from .pipeline_softbio import SoftBiometricsPipeline, load_image
 
 
+_registration_deferred = False
+
+
 def __getattr__(name: str) -> Any:
+    global _registration_deferred
     if name not in _EXPORTS:
         raise AttributeError(f"module 'softbio_hf' has no attribute {name!r}")
+    if _registration_deferred:  # a command that deferred it now uses the model: save_pretrained needs auto_map
+        _registration_deferred = False
+        register()
     return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
 
@@ -70,14 +77,16 @@ def register() -> None:
 
 
 # `python -m softbio_hf.predict` imports this package while Python still locates the command (sys.argv[0] is
-# "-m" until then). The command registers when it loads a model, so its --help and argument errors answer
-# without the seconds that torch and transformers' pipelines take to import. The training commands
-# (`python -m train.*`, the running __main__) import our safe files and extras this way too, and never need the
-# registry: they build SoftBioModel directly, or load through softbio_hf.predict, which registers.
+# "-m" until then), and the training commands (`python -m train.*`, the running __main__) import our safe files
+# and extras. Both defer registration until a public name (SoftBioModel, ...) is first taken from the package,
+# so their --help and argument errors answer without the seconds that torch and transformers take to import,
+# and a checkpoint they save still carries auto_map and our code (register_for_auto_class).
 # The torch-free install (requirements-serve.txt) has neither torch nor transformers: its runtime and server need no
 # registration, so `import softbio_hf.runtime_light` works there.
 _COMMAND = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
-if sys.argv[:1] != ["-m"] and not _COMMAND.startswith("train."):
+if sys.argv[:1] == ["-m"] or _COMMAND.startswith("train."):
+    _registration_deferred = True
+else:
     try:
         register()
     except ImportError as error:

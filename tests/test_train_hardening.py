@@ -364,3 +364,22 @@ def test_prepare_and_export_name_an_out_under_a_file_before_any_work(tmp_path, c
     assert export_main(["--model", "no/such-model", "--out", below]) == 2
     error = capsys.readouterr().err
     assert f"{tmp_path / 'a-file'} is a file, not a folder" in error and "no/such-model" not in error
+
+
+def test_the_command_ships_a_best_folder_that_loads_as_remote_code(data, tiny_clip_dir, tmp_path):
+    """Under `python -m train.train` the package defers its registration (fast --help), yet the saved checkpoint
+    must still carry auto_map and our code, as in a process that imported softbio_hf first."""
+    out = tmp_path / "run"
+    args = settings(data, tiny_clip_dir, out, **{"train.max_steps": 2, "checkpoint.every": 0})
+    result = subprocess.run(
+        [sys.executable, "-m", "train.train", "--config", "lp", "--set", *args],
+        cwd=REPO,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_softbio.SoftBioModel"
+    assert (out / "best" / "modeling_softbio.py").is_file() and (out / "best" / "pipeline_softbio.py").is_file()
