@@ -65,3 +65,12 @@ def run_settings(data, backbone, out, **extra) -> list[str]:
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def prepared_synthetic(root: Path, rows: int = 120) -> Path:
+    """The synthetic folder at `root/raw`, prepared at 32 px into `root/prepared` (what the training tests read)."""
+    from train.data import prepare
+
+    make_synthetic_folder(root / "raw", rows=rows)
+    prepare("folder", root / "raw", root / "prepared", image_size=32)
+    return root / "prepared"

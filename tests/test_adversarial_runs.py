@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from datasets_fixtures import face_like
 from safetensors.torch import load_file, save_file
-from synthetic import make_synthetic_folder, run_settings
+from synthetic import prepared_synthetic, run_settings
 from tiny import TINY_VISION
 
 from softbio_hf import SoftBioConfig, SoftBioModel
@@ -25,7 +25,7 @@ from train import hub, report
 from train import train as train_cli
 from train.checkpoints import BEST_WEIGHTS, TRAINER_STATE, checkpoints_in
 from train.config import load_config
-from train.data import features, prepare
+from train.data import features
 from train.loop import Run
 from train.schema import IGNORE
 
@@ -35,10 +35,7 @@ GRACE = str(REPO / "examples" / "grace_hopper.jpg")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adversarial-runs")
-    make_synthetic_folder(root / "raw", rows=120)
-    prepare("folder", root / "raw", root / "prepared", image_size=32)
-    return root / "prepared"
+    return prepared_synthetic(tmp_path_factory.mktemp("adversarial-runs"))
 
 
 QUICK = {"train.max_steps": 8, "train.batch_size": 16, "train.warmup_steps": 1, "eval.every": 4, "checkpoint.every": 4}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic import make_synthetic_folder, run_settings
+from synthetic import prepared_synthetic, run_settings
 
 from train import train as train_cli
 from train.checkpoints import BEST_WEIGHTS, Interrupted, checkpoint_state, checkpoints_in
@@ -29,10 +29,7 @@ QUICK = {"train.max_steps": 8, "train.batch_size": 16, "train.warmup_steps": 1, 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening")
-    make_synthetic_folder(root / "raw", rows=120)
-    prepare("folder", root / "raw", root / "prepared", image_size=32)
-    return root / "prepared"
+    return prepared_synthetic(tmp_path_factory.mktemp("hardening"))
 
 
 def settings(data, backbone, out, **extra) -> list[str]:
@@ -55,6 +52,26 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def command_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def signalled_training(args: list[str], sign: Path, signal_number: int, settle: float = 1.0) -> tuple[str, int]:
+    """`python -m train.train --config lp` sent `signal_number` once `sign` exists (and `settle` seconds more):
+    its stderr and exit code."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train.train", "--config", "lp", "--set", *args],
+        cwd=REPO,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not sign.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(settle)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=300)
+    return stderr, process.returncode
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -80,21 +97,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_to_the_stra
 def test_the_command_answers_sigterm_with_its_exit_code_and_the_resume_line(data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
     args = settings(data, tiny_clip_dir, out, **{"train.max_steps": 100000, "checkpoint.every": 0})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train.train", "--config", "lp", "--set", *args],
-        cwd=REPO,
-        env=command_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (out / "logs").is_dir() and time.monotonic() < deadline:  # the loop has begun once logs exist
-        time.sleep(0.2)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 143, stderr[-2000:]
+    stderr, code = signalled_training(args, out / "logs", signal.SIGTERM)  # the loop has begun once logs exist
+    assert code == 143, stderr[-2000:]
     assert "SIGTERM: stopped at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert checkpoints_in(out), "a checkpoint to continue from"
     checkpoint_state(checkpoints_in(out)[-1])
@@ -102,20 +106,9 @@ def test_the_command_answers_sigterm_with_its_exit_code_and_the_resume_line(data
 
 def test_ctrl_c_while_starting_up_is_a_message_not_a_traceback(data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train.train", "--config", "lp", "--set", *settings(data, tiny_clip_dir, out)],
-        cwd=REPO,
-        env=command_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (out / ".lock").exists() and time.monotonic() < deadline:  # output_dir claimed: start-up under way
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-2000:]
+    # output_dir claimed: start-up is under way, the training loop not yet
+    stderr, code = signalled_training(settings(data, tiny_clip_dir, out), out / ".lock", signal.SIGINT, settle=0.0)
+    assert code == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "interrupted before training began" in stderr or "SIGINT: stopped at step" in stderr
 
