@@ -291,8 +291,7 @@ class Run:
                 atomic_write_text(partial / TRAINER_STATE, json.dumps(self.trainer_state(), indent=1))
                 if (self.out / BEST_WEIGHTS).is_file():  # so --resume never meets best weights from a later step
                     shutil.copy2(self.out / BEST_WEIGHTS, partial / BEST_WEIGHTS)
-                shutil.rmtree(folder, ignore_errors=True)
-                replace_folder(partial, folder)
+                replace_folder(partial, folder)  # an older step-N is moved aside and removed once this is in
                 for old in checkpoints_in(self.out)[: -self.config["checkpoint"]["keep"]]:
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
