@@ -2,7 +2,7 @@
 
     python -m bench.parameters            # random weights on the meta device: no download, no memory
 
-The numbers are the ones quoted in README.md.
+The numbers are the ones quoted in docs/pipeline.md.
 """
 
 from __future__ import annotations

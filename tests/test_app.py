@@ -622,10 +622,10 @@ def test_the_api_names_its_inputs_and_output(app):
     assert [r["label"] for r in endpoint["returns"]] == ["faces"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names == ["payload", "detector", "threshold"]  # what a keyword call must say
-    assert f"(inputs {', '.join(f'`{name}`' for name in names)}; output `faces`)" in (REPO / "README.md").read_text()
+    assert f"(inputs {', '.join(f'`{name}`' for name in names)}; output `faces`)" in (REPO / "docs/demo.md").read_text()
     photo = handle_file(str(REPO / "examples" / "astronaut.jpg"))
     faces = Client(app["url"], verbose=False).predict(payload=photo, detector="haar", threshold=0, api_name="/analyze")
-    assert len(faces) == 1  # the README's keyword call, as written there
+    assert len(faces) == 1  # docs/demo.md's keyword call, as written there
 
 
 def test_upload_records_expire_stay_bounded_and_open_the_examples_to_all(tmp_path, monkeypatch):

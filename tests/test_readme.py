@@ -1,44 +1,50 @@
-"""Every Python block of README.md runs as written, on a tiny offline CLIP (only the model name is substituted)."""
+"""Every Python block of README.md and docs/*.md runs as written, on a tiny offline CLIP (only the model name is
+substituted), unless its first line says what it needs (`# needs: hub`, ...); the pages' facts hold."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from doc_pages import NEEDS, REPO, all_text, blocks, page_text, pages
 from remote import run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
 BIG_CLIP = "openai/clip-vit-large-patch14-336"
 WITHOUT_SOFTBIO = "# Without softbio installed"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
-
-
-def test_readme_python_blocks_run_in_order(tiny_clip_dir, tmp_path, monkeypatch):
-    blocks = python_blocks()
-    assert len(blocks) >= 5
-    before_first = (REPO / "README.md").read_text().split("```python")[0]
+def test_the_python_blocks_run_in_order(tiny_clip_dir, tmp_path, monkeypatch):
+    """Page by page (README, docs/pipeline.md, then the others), each page's blocks in one namespace, in one folder
+    holding the repository's examples/: what a reader pasting them in order gets."""
+    pipeline_page = page_text("docs/pipeline.md")
+    before_first = pipeline_page.split("```python")[0]
     assert "run from the repository root" in before_first and "`pip install -e .`" in before_first  # elsewhere
     monkeypatch.chdir(tmp_path)
     (tmp_path / "examples").symlink_to(REPO / "examples")  # the blocks use the repository's example photos
-    namespace: dict = {"__name__": "readme"}
-    isolated = 0
-    for number, block in enumerate(blocks, start=1):
-        source = block.replace(BIG_CLIP, str(tiny_clip_dir))
-        if block.startswith(WITHOUT_SOFTBIO):  # as its users run it: a fresh process where softbio cannot import
-            stdout = run_isolated(
-                tmp_path, 'import sys\nsys.modules["softbio_hf"] = None\n' + source + "\nprint(faces)"
-            )
-            assert "'emotion'" in stdout
-            isolated += 1
-            continue
-        exec(compile(source, f"README.md python block {number}", "exec"), namespace)  # a failure names the block
-    assert isolated == 1
-    assert namespace["faces"] and "age" in namespace["faces"][0]  # the pipeline block found the astronaut
-    assert set(namespace["out"].logits) == {"age", "gender", "emotion"}
+    namespaces: dict[str, dict] = {}
+    ran, isolated = [], 0
+    for page in pages():
+        namespace = namespaces.setdefault(page.name, {"__name__": "docs"})
+        for block in blocks(page, ("python",)):
+            if block.needs is not None:
+                assert block.needs in NEEDS, f"{block.where}: `# needs: {block.needs}` is not one of {NEEDS}"
+                continue
+            source = block.text.replace(BIG_CLIP, str(tiny_clip_dir))
+            if block.text.startswith(WITHOUT_SOFTBIO):  # as its users run it: a fresh process without softbio
+                stdout = run_isolated(
+                    tmp_path, 'import sys\nsys.modules["softbio_hf"] = None\n' + source + "\nprint(faces)"
+                )
+                assert "'emotion'" in stdout, block.where
+                isolated += 1
+                continue
+            exec(compile(source, f"{block.where} (python block)", "exec"), namespace)  # a failure names the block
+            ran.append(block.where)
+    assert isolated == 1 and len(ran) >= 6, ran
+    readme, pipeline, video = namespaces["README.md"], namespaces["pipeline.md"], namespaces["video.md"]
+    assert readme["faces"] and "age" in readme["faces"][0]  # the landing page's block found the astronaut
+    assert pipeline["faces"] and "age" in pipeline["faces"][0]
+    assert set(pipeline["out"].logits) == {"age", "gender", "emotion"}
     assert (tmp_path / "out" / "model.safetensors").is_file()  # the methods block shipped a checkpoint
+    assert video["result"]["decoding"]["status"] == "complete" and video["result"]["frames"]
 
 
 def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_counts():
@@ -47,7 +53,7 @@ def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_count
     from train.config import load_config
 
     study = (REPO / "docs" / "STUDY.md").read_text()
-    assert "(docs/STUDY.md)" in (REPO / "README.md").read_text()
+    assert "(docs/STUDY.md)" in page_text("README.md") and "(STUDY.md)" in page_text("docs/training.md")
     lora, mtlora = load_config("lora"), load_config("mtlora")
     assert lora["model"]["head_hidden_size"] == 512 and "**512** units" in study
     assert lora["data"]["class_balance"] == "mix" and lora["data"]["class_mix"] == 0.5
@@ -61,12 +67,12 @@ def test_the_study_page_is_linked_and_quotes_the_configs_and_the_parameter_count
 
 
 def test_the_readmes_default_outputs_are_ignored_by_git():
-    """Following the README leaves runs/, data/, softbio-zs/, preview/, bench-results/ and tiny/ behind: none is a
+    """Following the docs leaves runs/, data/, softbio-zs/, preview/, bench-results/ and tiny/ behind: none is a
     change."""
     import subprocess
 
     for folder in ("runs", "data", "softbio-zs", "preview", "bench-results", "tiny"):
-        assert folder in (REPO / "README.md").read_text(), folder
+        assert folder in all_text(), folder
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=REPO)
         assert ignored.returncode == 0, f"{folder}/ is not in .gitignore"
 
@@ -78,7 +84,7 @@ def test_the_offline_route_builds_a_tiny_model_the_pipeline_and_the_demo_take(tm
 
     from softbio_hf.tiny import main
 
-    readme = (REPO / "README.md").read_text()
+    readme = page_text("README.md")
     assert "python -m softbio_hf.tiny tiny" in readme and "python app.py --model tiny/softbio" in readme
     assert main([str(tmp_path / "tiny")]) == 0
     assert "python app.py --model" in capsys.readouterr().out
@@ -97,14 +103,14 @@ def test_the_offline_route_builds_a_tiny_model_the_pipeline_and_the_demo_take(tm
 def test_the_study_page_names_the_slides_tables_as_they_do():
     """Read against the slides: Table 4.2 is the mean zero-shot accuracy (with the footnote on VGGFace2's synthetic
     ages); the training-mix table ("Weighted %") has no number; the 0.5 mix is exact for age 0-2 only."""
-    texts = {"README.md": (REPO / "README.md").read_text(), "docs/STUDY.md": (REPO / "docs" / "STUDY.md").read_text()}
+    texts = {str(page.relative_to(REPO)): page.read_text() for page in pages()}
     texts |= {str(p.relative_to(REPO)): p.read_text() for p in (REPO / "train" / "configs").glob("*.yaml")}
     for name, text in texts.items():
         for mention in re.finditer(r"Table 4\.2\b", text):
             around = text[mention.start() - 120 : mention.end()]
             assert "footnote" in around, (name, text[mention.start() - 60 : mention.end() + 60])
-    study, readme = texts["docs/STUDY.md"], texts["README.md"]
+    study, training = texts["docs/STUDY.md"], texts["docs/training.md"]
     assert "for age exactly" not in study and "16.45 against its 16.37" in study
-    assert "16.45 against its 16.37" in readme and "exact for age:" not in readme
-    assert "gender rows, as in the study" not in readme and "its own footnote calls synthetic" in readme
+    assert "16.45 against its 16.37" in training and "exact for age:" not in training
+    assert "gender rows, as in the study" not in training and "its own footnote calls synthetic" in training
     assert "emotion 5.47%" in study  # the slides' raw task shares, beside what task_alpha makes of them

@@ -285,7 +285,7 @@ def test_summary_json_of_a_finished_run_is_strict(data, tiny_clip_dir, tmp_path)
 # ------------------------------------------------------------------------------------------------ README
 def readme_block(heading: str) -> list[str]:
     """The bash commands of the first block under `heading`, continuation lines joined, comments dropped."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "evaluation.md").read_text()
     block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
     commands = block.replace("\\\n", " ").splitlines()
     return [line.split("  #")[0].strip() for line in commands if line.strip()]
@@ -302,7 +302,7 @@ def test_the_readme_evaluation_block_runs_as_written(tiny_clip_dir, tmp_path):
         make(tmp_path / "raw" / name)
         prepare(name, tmp_path / "raw" / name, tmp_path / "data" / name, image_size=32)
     SoftBioModel.from_clip(tiny_clip_dir).save_pretrained(tmp_path / "runs" / "lora" / "best")
-    commands = readme_block("## Evaluation: the study's tables")
+    commands = readme_block("## The study's tables, fairness and calibration")
     assert len(commands) == 4 and commands[-1].startswith("python -m train.evaluate compare")
     env = {**command_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` is ours
     for command in commands:
