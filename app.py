@@ -204,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Without --model the zero-shot model is built from "
         f"{DEFAULT_CLIP} once (needs the Hub) and cached under $SOFTBIO_CACHE (default ~/.cache/softbio).",
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument(
         "--model",
         default=os.environ.get("SOFTBIO_MODEL") or space_model(),

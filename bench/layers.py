@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.layers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where native), bfloat16 or float32")
     parser.add_argument("--batch-size", type=int, default=1, help="images per pass (default 1)")
     args = parser.parse_args(argv)

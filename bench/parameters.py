@@ -49,8 +49,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    argparse.ArgumentParser(
-        prog="python -m bench.parameters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(
+        argparse.ArgumentParser(
+            prog="python -m bench.parameters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
     ).parse_args()
     print(markdown(report()))
 

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone (a quick check of the script)")
     parser.add_argument("--photos", type=int, default=64, help="photos to analyse (default 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="faces per forward pass (default 16)")

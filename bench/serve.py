@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--photos", type=int, default=16, help="photos in the throughput row (default 16)")
     parser.add_argument("--requests", type=int, default=8, help="answers before peak memory is read (default 8)")

@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone (a quick check of the script)")
     parser.add_argument("--images", type=int, default=8, help="images per model row (default 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of our model rows (default 8)")

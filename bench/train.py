@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone (a quick check of the script)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="rows to measure")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")

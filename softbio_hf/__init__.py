@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
 _EXPORTS = {
     "AGE_LABELS": "configuration_softbio",
     "DEFAULT_TASKS": "configuration_softbio",
@@ -31,6 +33,7 @@ __all__ = [
     "SoftBioModel",
     "SoftBioOutput",
     "SoftBiometricsPipeline",
+    "__version__",
     "image_processor_for",
     "load_image",
     "register",
@@ -77,14 +80,15 @@ def register() -> None:
 
 
 # `python -m softbio_hf.predict` imports this package while Python still locates the command (sys.argv[0] is
-# "-m" until then), and the training commands (`python -m train.*`, the running __main__) import our safe files
-# and extras. Both defer registration until a public name (SoftBioModel, ...) is first taken from the package,
-# so their --help and argument errors answer without the seconds that torch and transformers take to import,
-# and a checkpoint they save still carries auto_map and our code (register_for_auto_class).
+# "-m" until then), and the training and benchmark commands (`python -m train.*`, `bench.*`, the running __main__)
+# import our safe files, extras and version. Both defer registration until a public name (SoftBioModel, ...) is
+# first taken from the package, so their --help, --version and argument errors answer without the seconds that
+# torch and transformers take to import, and a checkpoint they save still carries auto_map and our code
+# (register_for_auto_class).
 # The torch-free install (requirements-serve.txt) has neither torch nor transformers: its runtime and server need no
 # registration, so `import softbio_hf.runtime_light` works there.
 _COMMAND = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
-if sys.argv[:1] == ["-m"] or _COMMAND.startswith("train."):
+if sys.argv[:1] == ["-m"] or _COMMAND.startswith(("train.", "bench.")):
     _registration_deferred = True
 else:
     try:

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m softbio_hf.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from .version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--model", required=True, help="a softbio checkpoint (folder or Hub id) or clip:ID_OR_FOLDER")
     parser.add_argument("--out", required=True, help="folder for the artifacts (the checkpoint's own folder is fine)")
     parser.add_argument("--format", nargs="+", default=list(FORMATS), choices=FORMATS, help="default: both")

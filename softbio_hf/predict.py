@@ -569,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, .txt lists, or datasets folders")
     parser.add_argument("--model", required=True, help="softbio checkpoint (folder or Hub id), or clip:ID_OR_FOLDER")
     parser.add_argument("--out", required=True, help=f"output table: {', '.join(FORMATS)} (by extension)")

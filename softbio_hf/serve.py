@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m softbio_hf.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from .version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--model", required=True, help="an export folder (python -m softbio_hf.export) or a Hub id")
     parser.add_argument("--backend", choices=("onnx", "openvino"), default="onnx")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines")

@@ -83,6 +83,9 @@ def make_tiny_models(out: Path, seed: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m softbio_hf.tiny", description=__doc__.split("\n\n")[0])
+    from .version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("out", metavar="OUT", help="a new or empty folder: OUT/clip and OUT/softbio are written")
     parser.add_argument("--seed", type=int, default=0, help="the random weights' seed (0)")
     args = parser.parse_args(argv)

@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.data", description="Face benchmarks in the unified softbio schema."
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser(
         "prepare",

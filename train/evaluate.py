@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         "4.11/4.12), per-group fairness, calibration, confusion matrices. Writes results.json, report.md and PNG "
         "plots to --out. `python -m train.evaluate compare RUN.json ...` tabulates several runs.",
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument(
         "--model", required=True, help="softbio checkpoint folder or Hub id, or clip:ID_OR_FOLDER (zero-shot)"
     )
@@ -434,6 +437,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
         prog="python -m train.evaluate compare",
         description="The study's summary table (Table 4.11) with one row per run and the difference to a baseline.",
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("runs", nargs="+", help="results.json files")
     parser.add_argument("--names", nargs="+", default=None, help="row names, one per run (default: each run's name)")
     parser.add_argument("--baseline", default=None, help="row to compare against (default: the first)")

@@ -597,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish a softbio checkpoint (with its model card) or the demo Space to the Hugging Face Hub, "
         f"in one commit. {LOGIN_HINT}",
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     push = commands.add_parser("push", help="upload a checkpoint with its model card and evaluation")
     push.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/lora/best)")

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         "loraplus, mtlora). The same command runs under `torchrun --nproc_per_node N -m train.train` or "
         "`accelerate launch -m train.train` on several devices; train.batch_size is the global batch.",
     )
+    from softbio_hf.version import add_version_argument  # stdlib only: --version needs no torch
+
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="a YAML file, or a name in train/configs (e.g. lora)")
     parser.add_argument(
         "--set",
