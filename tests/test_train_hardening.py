@@ -19,7 +19,6 @@ from synthetic import prepared_synthetic, run_settings
 from train import train as train_cli
 from train.checkpoints import BEST_WEIGHTS, Interrupted, checkpoint_state, checkpoints_in
 from train.config import load_config
-from train.data import prepare
 from train.evaluate import main as evaluate_main
 from train.train import run_training
 
@@ -280,37 +279,6 @@ def test_summary_json_of_a_finished_run_is_strict(data, tiny_clip_dir, tmp_path)
     run_training(config(data, tiny_clip_dir, out, method="lp"))
     json.loads((out / "summary.json").read_text())
     assert not [p.name for p in out.iterdir() if ".partial" in p.name or ".writing" in p.name]
-
-
-# ------------------------------------------------------------------------------------------------ README
-def readme_block(heading: str) -> list[str]:
-    """The bash commands of the first block under `heading`, continuation lines joined, comments dropped."""
-    text = (REPO / "docs" / "evaluation.md").read_text()
-    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = block.replace("\\\n", " ").splitlines()
-    return [line.split("  #")[0].strip() for line in commands if line.strip()]
-
-
-def test_the_readme_evaluation_block_runs_as_written(tiny_clip_dir, tmp_path):
-    """In a folder holding the three prepared benchmarks and a runs/lora/best checkpoint; only the CLIP id is
-    replaced by a tiny offline one."""
-    from datasets_fixtures import make_fairface, make_rafdb, make_utkface
-
-    from softbio_hf import SoftBioModel
-
-    for name, make in (("utkface", make_utkface), ("fairface", make_fairface), ("rafdb", make_rafdb)):
-        make(tmp_path / "raw" / name)
-        prepare(name, tmp_path / "raw" / name, tmp_path / "data" / name, image_size=32)
-    SoftBioModel.from_clip(tiny_clip_dir).save_pretrained(tmp_path / "runs" / "lora" / "best")
-    commands = readme_block("## The study's tables, fairness and calibration")
-    assert len(commands) == 4 and commands[-1].startswith("python -m train.evaluate compare")
-    env = {**command_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` is ours
-    for command in commands:
-        command = command.replace("openai/clip-vit-large-patch14-336", str(tiny_clip_dir))
-        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (command, result.stderr[-2000:])
-    table = result.stdout
-    assert "| zs |" in table and "| lora |" in table and ("(+" in table or "(-" in table)
 
 
 # ------------------------------------------------------------------------------------------- VGGFace2
