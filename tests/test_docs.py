@@ -194,6 +194,24 @@ def test_the_shell_blocks_run_as_written(page, checkout_template, tmp_path):
         assert ignored.returncode == 0, f"{page.name}'s blocks write {entry.name}, which .gitignore does not ignore"
 
 
+def test_a_failing_block_fails_its_page_and_the_stand_ins_check_what_they_stand_for(checkout_template, tmp_path):
+    """The harness is no rubber stamp: a failing command stops the page, named by its block; `pip install` of an
+    extra pyproject.toml lacks, or a test command that is not .ci/run's, fails as a real failure would."""
+    cases = {
+        "echo fine\nfalse\necho never": "",
+        'pip install ".[train,no-such-extra]"': "pyproject.toml has no extra",
+        "python -m pytest -x": "is not .ci/run's",
+    }
+    for number, (text, said) in enumerate(cases.items()):
+        done = run_page(checkout_template, tmp_path / str(number), [Block("page.md", 7, "bash", text)])
+        assert done.returncode != 0 and "@@ block page.md:7" in done.stderr and said in done.stderr, done
+        assert "never" not in done.stdout  # nothing after the failing command ran
+    done = run_page(
+        checkout_template, tmp_path / "ok", [Block("page.md", 1, "bash", 'pip install -r requirements.txt ".[demo]"')]
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_the_block_markers_are_read_as_the_docs_say():
     """A block is skipped only for a known need on its first line; a typo or a later line is not a marker."""
     fenced = (
