@@ -249,6 +249,14 @@ def test_a_seed_numpy_cannot_take_is_refused(seed, capsys):
     assert "train.seed" in (error := capsys.readouterr().err) and "4294967295" in error
 
 
+def test_pooling_heads_not_dividing_the_backbone_width_is_a_message(data, tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_cli.main(["--config", "lp", "--set", *settings(data, tiny_clip_dir, out), "model.pooling_heads=3"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "SoftBioConfig.pooling_heads=3 must divide the backbone width" in error and "Traceback" not in error
+
+
 def test_yaml_merge_keys_are_taken_and_extension_keys_dropped(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(
