@@ -262,3 +262,14 @@ def test_an_exports_manifest_with_such_thresholds_is_refused_naming_it(case, tmp
     assert said in str(raised.value)
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "calibration": {"conformal": {}}}))
     assert read_manifest(tmp_path)["tasks"] == ["gender"]  # no thresholds: no sets, as before
+
+
+@pytest.mark.parametrize("damage", ["torn", "foreign"])
+def test_compare_names_a_torn_rows_file(damage, tmp_path, capsys):
+    outcome = (np.random.default_rng(0).random(200) < 0.7).astype(np.int8)
+    runs = [write_run(tmp_path / name, outcome) for name in ("zs", "lora")]
+    rows = tmp_path / "lora" / "rows.npz"
+    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2] if damage == "torn" else b"not a zip archive")
+    assert main(["compare", *runs]) == 2
+    error = capsys.readouterr().err
+    assert f"{rows} is damaged" in error and "--bootstrap N" in error and "Traceback" not in error
