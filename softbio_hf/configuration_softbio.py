@@ -7,6 +7,8 @@ import sys
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .conformal import check_conformal
+
 # Canonical label order (DESIGN.md). Never reorder: checkpoints' head rows depend on it.
 AGE_LABELS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
 GENDER_LABELS = ("male", "female")
@@ -196,6 +198,9 @@ class SoftBioConfig(PreTrainedConfig):
                 "(the last k blocks) or -1 (the whole backbone)."
             )
         self._validate_adapter()
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(f"config.json: calibration is {self.calibration!r}, not a mapping; remove it.")
+        check_conformal((self.calibration or {}).get("conformal"), self.tasks, "config.json")
         if self.age_years is not None and "age" in self.tasks and len(self.age_years) != len(self.tasks["age"]):
             raise ValueError(
                 f"SoftBioConfig.age_years has {len(self.age_years)} values but the age task has "

@@ -14,12 +14,56 @@ true label with probability at least `level` (for each true label, when class-co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 SCORES = ("lac", "aps")
+
+
+REFIT = "fit them again with python -m train.evaluate --model MODEL --conformal LEVEL, or delete calibration.conformal"
+
+
+def check_conformal(conformal: Any, tasks: Mapping[str, Sequence[str]], source: str) -> None:
+    """
+    Refuse thresholds that would answer wrongly on every call, when `source` (a config.json, an export's
+    manifest.json) is loaded rather than at the first face: a NaN gives every face an empty set, a value above 1
+    every label. Each threshold is null (that label always in the set) or a finite number in [0, 1], one per label
+    of a task the model has; the score is a known one. A ValueError names `source`, the entry and the fix.
+    """
+    if not conformal:
+        return
+    where = f"{source}: calibration.conformal"
+    if not isinstance(conformal, Mapping):
+        raise ValueError(f"{where} is {type(conformal).__name__}, not a mapping; {REFIT}.")
+    if conformal.get("score") not in SCORES:
+        raise ValueError(f"{where}.score is {conformal.get('score')!r}, not one of {', '.join(SCORES)}; {REFIT}.")
+    level = conformal.get("level")
+    if level is not None and not (_is_real(level) and 0 < level < 1):
+        raise ValueError(f"{where}.level is {level!r}, not a level between 0 and 1; {REFIT}.")
+    thresholds = conformal.get("thresholds")
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"{where}.thresholds is {thresholds!r}, not a mapping of task to thresholds; {REFIT}.")
+    for task, values in thresholds.items():
+        if task not in tasks:
+            raise ValueError(f"{where}.thresholds names {task!r}, not a task of this model ({list(tasks)}); {REFIT}.")
+        labels = len(tasks[task])
+        if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != labels:
+            raise ValueError(
+                f"{where}.thresholds[{task!r}] is {values!r}: give one threshold per label ({labels}); {REFIT}."
+            )
+        wrong = [v for v in values if v is not None and not (_is_real(v) and 0.0 <= v <= 1.0)]
+        if wrong:
+            raise ValueError(
+                f"{where}.thresholds[{task!r}] holds {wrong[0]!r}: each threshold is null or a finite number in "
+                f"[0, 1]; {REFIT}."
+            )
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def conformity_scores(probs: np.ndarray, score: str) -> np.ndarray:

@@ -65,6 +65,8 @@ def export(
 
     check_exportable(model, formats, batch_size)
     out = Path(out)
+    if out.is_symlink():  # the export lands where the link points: swapping a folder in would replace the link
+        out = out.resolve()
     source = Path(checkpoint) if checkpoint is not None else checkpoint_folder(model)
     beside = refuse_foreign_folder(out, source)
     digest = weights_digest(source) if source is not None else None

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .conformal import check_conformal
+
 BACKENDS = ("torch", "onnx", "openvino")
 MANIFEST = "manifest.json"
 ARTIFACTS = {"onnx": ("onnx/model.onnx",), "openvino": ("openvino/openvino_model.xml", "openvino/openvino_model.bin")}
@@ -78,6 +80,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{path} lacks {missing} (an older softbio wrote it, or it was edited); export again: "
             f"{reexport_hint(Path(folder))}"
         )
+    calibration = manifest.get("calibration") or {}
+    conformal = calibration.get("conformal") if isinstance(calibration, dict) else calibration
+    try:  # thresholds that would answer wrongly on every call are refused here, at load
+        labels = {task: manifest["labels"][task] for task in manifest["tasks"]}
+        check_conformal(conformal, labels, str(path))
+    except (KeyError, TypeError) as error:
+        raise ExportInvalid(f"{path}: its tasks and labels do not match ({error}); export again.") from None
+    except ValueError as error:
+        raise ExportInvalid(str(error)) from None
     return manifest
 
 

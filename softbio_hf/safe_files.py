@@ -2,7 +2,7 @@
 Safe files for every command that writes or locks: the batch command, training, prepare, export, evaluate and
 the Hub staging folder. One lock, one atomic write, one folder swap, so a fix lands in one place.
 
-- `lock_exclusively` / `holding`: a run's claim on an output.
+- `lock_exclusively` / `holding`: a run's claim on an output (a deleted lock file is told, never taken).
 - `atomic_write` (and `_bytes`, `_text`, `_json`): the whole new file or the old one, also after a power cut.
 - `staging_folder` / `replace_folder` / `folder_written_whole`: a folder written aside and swapped in whole.
 - `unwritable_reason`: why an output cannot be created there (under a file, read-only), asked before the work.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,19 +34,105 @@ class LockUnsupported(OSError):
 
 
 # ------------------------------------------------------------------------------------------------ locks
-def lock_exclusively(path: Path) -> IO[str] | None:
+class LockReplaced(LockBusy):
+    """The lock file was deleted or replaced while a live process still holds the claim it stood for."""
+
+
+class Claim:
+    """A held lock: the open lock file (its POSIX record lock) and the anchor bound beside it (see lock_exclusively).
+    `close()` ends both; `name` is the lock file's path."""
+
+    def __init__(self, handle: IO[str], anchor: Any | None, anchor_key: str | None):
+        self.handle, self.anchor, self.anchor_key, self.name = handle, anchor, anchor_key, handle.name
+        self.inode = os.fstat(handle.fileno()).st_ino
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self.handle.closed
+
+    def still_named(self) -> bool:
+        """Whether the lock file at `name` is still the one this claim holds (not deleted, not replaced)."""
+        try:
+            return os.stat(self.name).st_ino == self.inode
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.anchor is not None:
+            self.anchor.close()
+            _ANCHORS.pop(self.anchor_key, None)
+        self.handle.close()
+
+
+# Anchors held by this process; a forked child (a DataLoader worker) closes its copies at once, so that only the
+# process that claimed holds the anchor and it goes with that process (a lingering child never keeps it).
+_ANCHORS: dict[str, Any] = {}
+
+
+def _close_anchors_in_child() -> None:
+    for anchor in list(_ANCHORS.values()):
+        with contextlib.suppress(OSError):
+            anchor.close()
+    _ANCHORS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_anchors_in_child)
+
+
+def anchor_key(path: Path) -> str:
+    folder = os.stat(path.parent)
+    return hashlib.sha256(f"{folder.st_dev}:{folder.st_ino}:{path.name}".encode()).hexdigest()[:48]
+
+
+def bind_anchor(key: str) -> tuple[Any | None, bool]:
+    """(the bound anchor socket, True), (None, False) when a live process holds it, (None, True) where the system
+    has no abstract sockets (not Linux): the lock file alone then."""
+    import socket
+
+    if not sys.platform.startswith("linux"):
+        return None, True
+    anchor = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        anchor.bind(f"\0softbio-lock-{key}")
+    except OSError as error:
+        anchor.close()
+        if error.errno == errno.EADDRINUSE:
+            return None, False
+        return None, True  # a sandbox without unix sockets: the lock file alone, as before
+    _ANCHORS[key] = anchor
+    return anchor, True
+
+
+def lock_exclusively(path: Path) -> Claim | None:
     """
-    An open file holding an exclusive lock on `path`, or None when another process holds it.
+    A Claim holding an exclusive lock on `path`, or None when another process holds it; LockReplaced when the lock
+    file was deleted (or replaced) while a live process holds the claim.
 
     A POSIX record lock (fcntl.lockf), not flock: the system drops it when the process dies, so a killed run never
     leaves it stuck, and forked children such as DataLoader workers do not inherit it. With flock a lingering
     forked worker kept the lock after its parent died (a test saw it), refusing the next run.
 
+    Why a second anchor: a lock file is a name anyone can delete, and a new file at that name locks freely while
+    the first holder still runs (a second run then emptied a live run's folder). So the claim also binds a Linux
+    abstract unix socket named after the lock (its folder's device and inode, and the file's name): it is no file,
+    cannot be deleted, is refused (EADDRINUSE) to anyone else while bound, and the kernel unbinds it when the holder
+    dies; forked children close their copy at fork. A free lock file with a bound anchor is thus a deleted lock
+    file, said as such. (Abstract sockets live per network namespace: across containers sharing a folder the lock
+    file still holds, as before.)
+
     A file system that cannot lock raises LockUnsupported, never "held by another run".
     """
     import fcntl
 
-    handle = Path(path).open("a")  # noqa: SIM115 (the open file is the lock: it outlives this function)
+    path = Path(path)
+    key = anchor_key(path)
+    if key in _ANCHORS:  # this process holds it already: asked before opening the file again, since closing any
+        return None  # descriptor of a file drops the process's record locks on it
+    handle = path.open("a")  # the open file is the lock: it outlives this function (a Claim closes it)
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -54,18 +142,27 @@ def lock_exclusively(path: Path) -> IO[str] | None:
         if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise LockUnsupported(
                 error.errno,
-                f"the file system of {Path(path).parent} cannot lock files ({error.strerror}); write to a local "
+                f"the file system of {path.parent} cannot lock files ({error.strerror}); write to a local "
                 "folder (not NFS without a lock daemon)",
             ) from None
         raise
-    return handle
+    anchor, free = bind_anchor(key)
+    if not free:
+        handle.close()  # the new lock file is left: the live holder's claim still stands for it
+        raise LockReplaced(
+            f"the lock file {path} was deleted or replaced while another run still holds it (that run is alive); "
+            "nothing was touched. Wait for that run to end; never delete a lock file by hand (a killed run leaves "
+            "no stuck lock)"
+        )
+    return Claim(handle, anchor, key if anchor is not None else None)
 
 
-def release(handle: IO[str] | None, unlink: bool = True) -> None:
-    """End a claim. The file is unlinked while still held, so no later run can share this one's lock."""
+def release(handle: Claim | IO[str] | None, unlink: bool = True) -> None:
+    """End a claim. The file is unlinked while still held, so no later run can share this one's lock; a lock file
+    that is no longer this claim's (deleted and taken anew) is left to its holder."""
     if handle is None:
         return
-    if unlink:
+    if unlink and (not isinstance(handle, Claim) or handle.still_named()):
         Path(handle.name).unlink(missing_ok=True)
     handle.close()
 
@@ -223,7 +320,9 @@ def folder_written_whole(out: str | os.PathLike) -> Iterator[Path]:
 
 
 __all__ = [
+    "Claim",
     "LockBusy",
+    "LockReplaced",
     "LockUnsupported",
     "atomic_path",
     "atomic_write",

@@ -201,6 +201,29 @@ def test_a_second_predict_on_the_same_out_is_refused_while_the_first_runs(tiny_m
     assert predict(argv) == 0 and len(out.read_text().splitlines()) == 2  # a killed run leaves no stuck lock
 
 
+def test_two_resumed_predicts_after_the_lock_file_is_deleted_are_refused(tiny_model, tmp_path, capsys):
+    from softbio_hf.predict import main as predict
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "faces.csv"
+    code = (  # the first run, holding --out through the command's own claim
+        "import sys, time; from pathlib import Path; from softbio_hf.predict import holding\n"
+        "with holding(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
+    )
+    first = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        out.with_name("faces.csv.lock").unlink()
+        argv = [GRACE, "--model", str(tmp_path / "m"), "--out", str(out), "--detector", "haar", "--num-workers", "0"]
+        assert predict([*argv, "--resume"]) == 2
+        error = capsys.readouterr().err
+        assert "faces.csv.lock was deleted or replaced while another run still holds it" in error
+        assert "Traceback" not in error and not out.exists() and not out.with_name("faces.csv.parts").exists()
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_a_second_predict_writing_the_same_tracks_table_is_refused(tiny_model, tmp_path, capsys):
     from softbio_hf.predict import main as predict
 
@@ -234,14 +257,13 @@ def test_overwrite_keeps_the_old_table_until_a_new_one_replaces_it(tiny_model, t
 
 def test_a_non_empty_output_dir_is_refused_without_resume_or_overwrite(data, tiny_clip_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text("mine: keep me\n")
-    assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 2
-    assert "already holds a run (config.yaml)" in capsys.readouterr().err
+    assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 0
+    (out / "config.yaml").write_text("mine: keep me\n")  # the run's config, marked to tell it from a new one
+    assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 2  # a finished run
+    assert "already holds a run (best, best_trainable.safetensors, checkpoints" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == "mine: keep me\n"
     assert train("--config", "lp", "--overwrite", "--set", *settings(data, tiny_clip_dir, out)) == 0
     assert (out / "best").is_dir() and "mine" not in (out / "config.yaml").read_text()
-    assert train("--config", "lp", "--set", *settings(data, tiny_clip_dir, out)) == 2  # a finished run, too
 
 
 def test_two_runs_on_one_output_dir_do_not_interleave(data, tiny_clip_dir, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -218,3 +219,57 @@ def test_the_batch_table_has_a_set_column_per_task_with_thresholds():
     }
     row = rows_for({"index": 0, "key": "a.jpg"}, [record], tasks, probabilities=False)[0]
     assert row["gender_set"] == "female|male" and "age_set" not in row
+
+
+# ------------------------------------------------------------------------------- thresholds checked at load
+BAD_CONFORMAL = {
+    "NaN": ({"score": "lac", "thresholds": {"gender": [float("nan"), 0.5]}}, "holds nan"),
+    "above 1": ({"score": "lac", "thresholds": {"gender": [1.5, 1.5]}}, "holds 1.5"),
+    "wrong length": ({"score": "lac", "thresholds": {"gender": [0.5, 0.5, 0.5]}}, "one threshold per label (2)"),
+    "no score": ({"thresholds": {"gender": [0.5, 0.5]}}, "score is None"),
+    "unknown task": ({"score": "aps", "thresholds": {"race": [0.5, 0.5]}}, "names 'race', not a task"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFORMAL))
+def test_thresholds_that_would_answer_wrongly_are_refused_when_the_model_loads(case, tiny_model, tmp_path):
+    from softbio_hf import SoftBioModel
+    from softbio_hf.predict import load_model
+
+    conformal, said = BAD_CONFORMAL[case]
+    tiny_model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "calibration": {"conformal": {"level": 0.9, **conformal}}}))
+    with pytest.raises(ValueError, match=r"config\.json: calibration\.conformal") as raised:
+        SoftBioModel.from_pretrained(tmp_path / "m")
+    assert said in str(raised.value) and "python -m train.evaluate" in str(raised.value)
+    with pytest.raises(ValueError, match=re.escape(f"--model {tmp_path / 'm'}")):  # batch command, evaluate, server
+        load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFORMAL))
+def test_an_exports_manifest_with_such_thresholds_is_refused_naming_it(case, tmp_path):
+    from softbio_hf.runtimes import ExportInvalid, read_manifest
+
+    conformal, said = BAD_CONFORMAL[case]
+    manifest = {"formats": ["onnx"], "tasks": ["gender"], "labels": {"gender": ["male", "female"]}, "image_size": 8}
+    manifest |= {"image_mean": [0, 0, 0], "image_std": [1, 1, 1], "batch": "dynamic", "digests": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "calibration": {"conformal": conformal}}))
+    said_first = re.escape(f"{tmp_path / 'manifest.json'}: calibration.conformal")
+    with pytest.raises(ExportInvalid, match=said_first) as raised:
+        read_manifest(tmp_path)  # what the light runtime, the server and pipeline(backend=...) read first
+    assert said in str(raised.value)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "calibration": {"conformal": {}}}))
+    assert read_manifest(tmp_path)["tasks"] == ["gender"]  # no thresholds: no sets, as before
+
+
+@pytest.mark.parametrize("damage", ["torn", "foreign"])
+def test_compare_names_a_torn_rows_file(damage, tmp_path, capsys):
+    outcome = (np.random.default_rng(0).random(200) < 0.7).astype(np.int8)
+    runs = [write_run(tmp_path / name, outcome) for name in ("zs", "lora")]
+    rows = tmp_path / "lora" / "rows.npz"
+    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2] if damage == "torn" else b"not a zip archive")
+    assert main(["compare", *runs]) == 2
+    error = capsys.readouterr().err
+    assert f"{rows} is damaged" in error and "--bootstrap N" in error and "Traceback" not in error

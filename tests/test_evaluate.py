@@ -278,3 +278,47 @@ def test_an_unloadable_model_says_what_to_pass(prepared, tmp_path, capsys):
     args = ("--data", prepared["rafdb"], "--split", "train", "--out", tmp_path / "eval")
     assert run_cli("--model", tmp_path / "nothing-here", *args) == 2
     assert "clip:ID_OR_FOLDER" in capsys.readouterr().err
+
+
+def test_a_calibration_split_too_small_for_the_level_is_said_and_not_saved(prepared, tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    args = ("--model", tmp_path / "model", "--data", prepared["utkface"], "--out", out, "--dtype", "float32")
+    assert run_cli(*args, "--bootstrap", 0, "--limit", 5, "--conformal", 0.9, "--calibration-split", "train") == 0
+    error = capsys.readouterr().err
+    assert "is too small for level 0.9" in error and "The smallest split that fits holds 9 labelled rows" in error
+    assert "calibration.conformal.too_small in its config.json" in error
+    conformal = json.loads((out / "results.json").read_text())["conformal"]
+    assert {entry["task"]: (entry["rows"], entry["needed"]) for entry in conformal["too_small"]}["age"] == (5, 9)
+    assert "**Warning:** the calibration split 'train' is too small" in (out / "report.md").read_text()
+    saved = SoftBioModel.from_pretrained(out / "calibrated").config.calibration["conformal"]
+    assert saved["too_small"] == conformal["too_small"]  # never shipped as if fitted
+
+
+def test_a_bootstrap_beyond_the_cap_is_refused_before_any_work(capsys):
+    assert run_cli("--model", "never-loaded", "--data", "nowhere", "--bootstrap", 10_000_000) == 2
+    error = capsys.readouterr().err
+    assert "--bootstrap 10000000: give 0 (no intervals) to 10,000 replicates" in error
+
+
+def test_ctrl_c_during_the_bootstrap_is_a_message_not_a_traceback(prepared, tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "train.evaluate", "--model", str(tmp_path / "model"), "--data"]
+    command += [prepared["utkface"], "--out", str(tmp_path / "eval"), "--bootstrap", "10000", "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=repo, env=env, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "utkface" not in seen and process.poll() is None:  # the progress bar: inside the command, not its imports
+        seen += process.stderr.read(1)
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=300)  # a bound to catch a hang, not a timing
+    assert process.returncode == 130, seen + rest
+    assert "interrupted: stopped before writing results.json" in rest and "Traceback" not in seen + rest
+    assert not (tmp_path / "eval" / "results.json").exists()

@@ -319,6 +319,16 @@ def test_a_second_export_at_once_and_a_folder_of_another_checkpoint_are_refused(
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_an_export_through_a_symlinked_out_lands_where_the_link_points(exported, tmp_path):
+    real, link = tmp_path / "served" / "model-v1", tmp_path / "current"
+    real.mkdir(parents=True)
+    link.symlink_to(real, target_is_directory=True)  # what a server is pointed at
+    in_own_process("-m", "softbio_hf.export", "--model", str(exported), "--format", "onnx", "--out", str(link))
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "manifest.json").read_text())["formats"] == ["onnx"]
+    assert (real / "onnx" / "model.onnx").is_file()
+
+
 def test_a_fixed_batch_size_is_honoured_by_the_batch_command(exported, tmp_path):
     folder = tmp_path / "model"
     SoftBioModel.from_pretrained(exported).save_pretrained(folder)

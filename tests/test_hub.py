@@ -329,3 +329,15 @@ def test_plot_paths_read_from_results_never_leave_their_folders(evaluated, tmp_p
     error = capsys.readouterr().err
     assert f"lists the plot {listed!r}, which is not a file name beside it" in error and "Traceback" not in error
     assert victim.read_text() == "mine" and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["push", "space"])
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_a_dry_run_out_that_is_a_file_or_under_one_is_named(command, where, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("keep me")
+    out = tmp_path / "a-file" if where == "file" else tmp_path / "a-file" / "below"
+    args = [command, "--model", str(tmp_path), "--repo-id", "me/x", "--dry-run", "--out", str(out)]
+    assert hub.main(args) == 2
+    error = capsys.readouterr().err
+    assert f"--out {out}" in error and "a-file is a file" in error and "Traceback" not in error
+    assert (tmp_path / "a-file").read_text() == "keep me"

@@ -130,3 +130,28 @@ def test_a_file_system_without_locks_is_named_not_taken_for_another_run(tmp_path
     monkeypatch.setattr(fcntl, "lockf", no_locks)  # NFS without a lock daemon answers ENOLCK; none is mounted here
     with pytest.raises(safe_files.LockUnsupported, match="cannot lock files"):
         safe_files.lock_exclusively(tmp_path / "x.lock")
+
+
+def test_a_deleted_lock_file_is_said_and_never_taken_while_its_holder_lives(tmp_path):
+    lock = tmp_path / "faces.csv.lock"
+    holder = start_writer(
+        f"""
+        import time
+        from softbio_hf.safe_files import holding
+        with holding({str(lock)!r}, "busy"):
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+    )
+    lock.unlink()  # a user takes it for a stale file
+    with pytest.raises(safe_files.LockReplaced, match="was deleted or replaced while another run still holds it"):
+        safe_files.lock_exclusively(lock)
+    kill(holder)
+    claim = safe_files.lock_exclusively(lock)  # the holder is gone: its anchor went with it
+    assert claim is not None
+    lock.unlink()
+    other = safe_files.lock_exclusively(lock.with_name("other.lock"))
+    lock.write_text("")  # someone else's file at the name now: releasing leaves it
+    safe_files.release(claim)
+    assert lock.exists()
+    safe_files.release(other)

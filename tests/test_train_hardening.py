@@ -176,6 +176,42 @@ def test_overwrite_never_deletes_a_folder_that_held_no_run(data, tiny_clip_dir, 
     assert sorted(p.name for p in documents.iterdir()) == ["config.yaml", "thesis.docx"]
 
 
+def test_overwrite_refuses_a_folder_of_ones_own_files_named_like_a_runs(data, tiny_clip_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "logs").mkdir(parents=True)
+    (mine / "eval").mkdir()
+    (mine / "config.yaml").write_text("hand written")
+    (mine / "logs" / "notes.txt").write_text("notes")
+    (mine / "eval" / "human-ratings.csv").write_text("ratings")
+    code = train_cli.main(["--config", "lp", "--overwrite", "--set", *settings(data, tiny_clip_dir, mine)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "config.yaml, eval, logs but no run marker (.softbio-run.json)" in error and "nothing was deleted" in error
+    assert (mine / "config.yaml").read_text() == "hand written"
+    assert (mine / "logs" / "notes.txt").exists() and (mine / "eval" / "human-ratings.csv").exists()
+
+
+def test_a_deleted_lock_never_lets_overwrite_empty_a_live_runs_folder(data, tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = (  # run A: the training run's own claim on output_dir, then its first files; it keeps running
+        "import sys, time; from pathlib import Path; from train.checkpoints import claim_output_dir\n"
+        "out = Path(sys.argv[1]); lock = claim_output_dir(out, None, False)\n"
+        "(out / 'config.yaml').write_text('run A'); (out / 'checkpoints').mkdir()\n"
+        "print('held', flush=True); time.sleep(60)"
+    )
+    first = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        (out / ".lock").unlink()
+        assert train_cli.main(["--config", "lp", "--overwrite", "--set", *settings(data, tiny_clip_dir, out)]) == 2
+        error = capsys.readouterr().err
+        assert "in use by another training run" in error and ".lock was deleted or replaced" in error
+        assert (out / "config.yaml").read_text() == "run A" and (out / "checkpoints").is_dir()
+    finally:
+        first.kill()
+        first.wait()
+
+
 @pytest.mark.parametrize(("value", "shown"), [("", "None"), ("''", "''"), ("' '", "' '")])
 def test_an_empty_output_dir_setting_is_refused(value, shown, capsys):
     assert train_cli.main(["--config", "lp", "--set", f"output_dir={value}", "data.train=[x]"]) == 2
@@ -210,6 +246,14 @@ def test_evaluate_and_train_name_an_out_that_is_a_file_or_under_one(where, data,
 def test_a_seed_numpy_cannot_take_is_refused(seed, capsys):
     assert train_cli.main(["--config", "lp", "--set", f"train.seed={seed}", "data.train=[x]"]) == 2
     assert "train.seed" in (error := capsys.readouterr().err) and "4294967295" in error
+
+
+def test_pooling_heads_not_dividing_the_backbone_width_is_a_message(data, tiny_clip_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_cli.main(["--config", "lp", "--set", *settings(data, tiny_clip_dir, out), "model.pooling_heads=3"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "SoftBioConfig.pooling_heads=3 must divide the backbone width" in error and "Traceback" not in error
 
 
 def test_yaml_merge_keys_are_taken_and_extension_keys_dropped(tmp_path):

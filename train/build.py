@@ -37,6 +37,8 @@ def build_model(config: dict[str, Any], base_model=None):
             f"model.backbone={config['model']['backbone']!r} could not be loaded ({error}). Give a CLIP Hub id "
             "(needs the network or a cached copy) or a local folder holding a CLIP checkpoint with its tokenizer."
         ) from error
+    except ValueError as error:  # a model.* setting this backbone cannot take (pooling_heads not dividing its width)
+        raise ConfigError(f"the model.* settings do not fit model.backbone={options['backbone']!r}: {error}") from None
     return apply_configured_method(model, config)
 
 

@@ -33,7 +33,8 @@ class Interrupted(Exception):
         return 143 if self.signal_name == "SIGTERM" else 130  # 128 + the signal's number, as shells report it
 
 
-# What a training run writes in output_dir: --overwrite removes these and nothing else.
+# What a training run writes in output_dir: --overwrite removes these and nothing else, and only in a folder whose
+# run marker says a run claimed it.
 RUN_ENTRIES = (
     "config.yaml",
     "checkpoints",
@@ -45,21 +46,54 @@ RUN_ENTRIES = (
     BEST_WEIGHTS,
     ".lock",
 )
+# Written first by the run that claims output_dir (before any other file), with the run's identity: what makes a
+# folder a run's, not the names in it (a folder of one's own config.yaml and logs/ is not a run).
+RUN_MARKER = ".softbio-run.json"
 
 
 def is_run_entry(name: str) -> bool:
-    """One of RUN_ENTRIES, or safe_files' temporary file beside one (`.NAME.writing-PID`)."""
-    return name in RUN_ENTRIES or any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+    """One of RUN_ENTRIES (or the marker), or safe_files' temporary file beside one (`.NAME.writing-PID`)."""
+    entries = (*RUN_ENTRIES, RUN_MARKER)
+    return name in entries or any(name.startswith(f".{entry}.") for entry in entries)
+
+
+def read_run_marker(out: Path) -> dict[str, Any] | None:
+    """The run marker of `out`, or None where there is none (or a file of that name that is not one)."""
+    try:
+        marker = json.loads((out / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("run_id"), str) else None
+
+
+def write_run_marker(out: Path) -> dict[str, Any]:
+    import socket
+    import uuid
+    from datetime import datetime, timezone
+
+    from softbio_hf.safe_files import atomic_write_json
+
+    marker = {
+        "softbio_run": 1,
+        "run_id": uuid.uuid4().hex,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    atomic_write_json(out / RUN_MARKER, marker)
+    return marker
 
 
 def claim_output_dir(out: Path, resume, overwrite: bool):
     """
     The run's output folder, held for the whole run (softbio_hf.safe_files.lock_exclusively: never left stuck by a
-    killed run). A folder holding another run is refused without --resume or --overwrite; --overwrite removes
-    what a run wrote, and refuses a folder holding anything else (it never deletes what is not ours).
-    Processes other than the first of a launcher share their first process's claim.
+    killed run, never taken while a live run holds it even when its lock file was deleted). A folder holding
+    another run is refused without --resume or --overwrite; --overwrite removes what the run named by the folder's
+    run marker wrote, and refuses a folder without a marker or holding anything else (it never deletes what is
+    not ours). The claim writes a new run marker first. Processes other than the first of a launcher share their
+    first process's claim.
     """
-    from softbio_hf.safe_files import LockUnsupported, lock_exclusively, release
+    from softbio_hf.safe_files import LockReplaced, LockUnsupported, lock_exclusively, release
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; give a folder (--set output_dir=...).")
@@ -68,6 +102,8 @@ def claim_output_dir(out: Path, resume, overwrite: bool):
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_exclusively(out / ".lock")
+    except LockReplaced as error:
+        raise ConfigError(f"output_dir {out} is in use by another training run: {error}.") from None
     except LockUnsupported as error:
         raise ConfigError(f"output_dir {out}: {error.strerror}.") from None
     except OSError as error:
@@ -76,17 +112,32 @@ def claim_output_dir(out: Path, resume, overwrite: bool):
         raise ConfigError(
             f"output_dir {out} is in use by another training run; wait for it to end, or choose another output_dir."
         )
-    held = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    try:
+        clear_for_run(out, resume, overwrite)
+    except BaseException:
+        release(lock)  # a refused claim leaves the folder as it was
+        raise
+    return lock
+
+
+def clear_for_run(out: Path, resume, overwrite: bool) -> None:
+    """Check (and with --overwrite empty) a claimed output_dir, then mark it as this run's."""
+    held = sorted(p.name for p in out.iterdir() if p.name not in (".lock", RUN_MARKER))
+    marker = read_run_marker(out)
     if held and not resume:
         foreign = [name for name in held if not is_run_entry(name)]
         if foreign:
-            release(lock)  # a refused claim leaves the folder as it was
             raise ConfigError(
                 f"output_dir {out} holds files that no training run wrote ({', '.join(foreign[:5])}); nothing was "
                 "deleted. Choose a new or empty folder with --set output_dir=..."
             )
+        if marker is None:
+            raise ConfigError(
+                f"output_dir {out} holds {', '.join(held[:5])} but no run marker ({RUN_MARKER}): no training run "
+                "claimed this folder, so these are taken for your own files and nothing was deleted. Choose a new or "
+                "empty folder with --set output_dir=... (or, if they are an old run's, delete them yourself)."
+            )
         if not overwrite:
-            release(lock)  # a refused claim leaves the folder as it was
             raise ConfigError(
                 f"output_dir {out} already holds a run ({', '.join(held[:5])}). Continue it with --resume, replace "
                 "it with --overwrite, or choose another folder with --set output_dir=..."
@@ -94,7 +145,8 @@ def claim_output_dir(out: Path, resume, overwrite: bool):
         for name in held:
             path = out / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    return lock
+    if not resume or (marker is None and (not held or checkpoints_in(out))):
+        write_run_marker(out)  # a resumed run keeps its identity; an older run's checkpoints are adopted
 
 
 def checkpoints_in(out: Path) -> list[Path]:

@@ -27,7 +27,14 @@ from train.errors import EvaluationError, MissingExtra, require_train_extra
 from train.metrics import Predictions, build_results, fit_temperatures
 from train.report import compare, strict_json, summary_table, write_outcomes, write_plots, write_report
 from train.schema import task_labels
-from train.uncertainty import add_intervals, conformal_report, fit_conformal, row_outcomes
+from train.uncertainty import (
+    add_intervals,
+    conformal_report,
+    fit_conformal,
+    row_outcomes,
+    too_small,
+    too_small_message,
+)
 
 PREPARE_HINT = "python -m train.data prepare --dataset NAME --root DATASET_FOLDER --out {path}"
 
@@ -269,6 +276,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.calibration_split,
         )
     report = {"model": args.model, "name": args.name or model_name(args.model), "split": args.split}
+    unfit = too_small(scaled(fit_on, temperatures), model.config, conformal) if conformal else []
+    if unfit:  # said, and never saved as if fitted: the saved thresholds carry the same record
+        conformal = {**conformal, "too_small": unfit}
+        print(f"warning: --conformal {args.conformal}: {too_small_message(unfit, conformal)}", file=sys.stderr)
+        print(f"warning: {SAVED_UNFIT}", file=sys.stderr)
     if temperatures or conformal:
         calibrated = load_model(args.model, device="cpu", dtype=torch.float32)  # full precision, not the eval dtype
         if temperatures:
@@ -278,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with folder_written_whole(out / "calibrated") as staging:
             calibrated.save_pretrained(staging)
         report["calibrated_model"] = str(out / "calibrated")
-    uncertainty = {"conformal": conformal, "bootstrap": args.bootstrap, "seed": args.seed}
+    uncertainty = {"conformal": conformal, "unfit": unfit, "bootstrap": args.bootstrap, "seed": args.seed}
     return write_evaluation(out, report, predictions, model.config, temperatures, **uncertainty)
 
 
@@ -347,6 +359,7 @@ def write_evaluation(
     temperatures=None,
     *,
     conformal: Mapping[str, Any] | None = None,
+    unfit: Sequence[Mapping[str, Any]] = (),
     bootstrap: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -359,6 +372,9 @@ def write_evaluation(
     report.update(build_results(predictions, config, temperatures))
     if conformal:
         report["conformal"] = conformal_report(scaled(predictions, temperatures), config, conformal)
+        if unfit:  # thresholds left null by a split too small for the level
+            report["conformal"]["too_small"] = list(unfit)
+            report["conformal"]["too_small_message"] = f"{too_small_message(unfit, conformal)} {SAVED_UNFIT}"
     if bootstrap:
         add_intervals(report, predictions, config, bootstrap, seed)
         write_outcomes(out, row_outcomes(predictions))
@@ -366,6 +382,13 @@ def write_evaluation(
     atomic_write_text(out / "results.json", strict_json(report))
     write_report(out, report, report["plots"])
     return report
+
+
+SAVED_UNFIT = (
+    "The calibrated model keeps them marked as such (calibration.conformal.too_small in its config.json), never as "
+    "fitted: fit again on a larger --calibration-split before relying on its sets."
+)
+MAX_BOOTSTRAP = 10_000  # replicates: more only add time (hours at 10 million), not precision that matters
 
 
 def model_name(spec: str) -> str:
@@ -426,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one threshold per true label (Mondrian): the level holds for each label, not only on average",
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000; 0: none)"
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help=f"bootstrap replicates for the intervals (default 1000, at most {MAX_BOOTSTRAP:,}; 0: none)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
     return parser
@@ -448,6 +474,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    args = None
     try:
         if argv[:1] == ["compare"]:
             args = build_compare_parser().parse_args(argv[1:])
@@ -459,12 +486,24 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
         if args.conformal is not None and not 0 < args.conformal < 1:
             raise EvaluationError(f"--conformal {args.conformal}: give a level between 0 and 1, e.g. 0.9.")
-        if args.bootstrap < 0:
-            raise EvaluationError(f"--bootstrap {args.bootstrap}: give a number of replicates, 0 to turn it off.")
+        if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
+            raise EvaluationError(
+                f"--bootstrap {args.bootstrap}: give 0 (no intervals) to {MAX_BOOTSTRAP:,} replicates; each replicate "
+                "recomputes every score in a Python loop, and 1000 (the default) already place a 95% interval's "
+                "ends to within a few percent of its width."
+            )
         report = run(args)
     except (EvaluationError, MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a long bootstrap or inference stopped by hand: said, not a traceback
+        where = f" in {args.out}" if hasattr(args, "out") else ""
+        print(
+            f"\ninterrupted: stopped before writing results.json{where} (an earlier one is left as it was). Run it "
+            "again; --bootstrap 0 skips the intervals, the slowest part on large sets.",
+            file=sys.stderr,
+        )
+        return 130
     print(summary_table([(report["name"], report["summary"])]))
     print(f"results.json, report.md and {len(report['plots'])} plots in {args.out}")
     return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,8 @@ def conformal_markdown(conformal: Mapping[str, Any]) -> str:
             for g, r in d.get(kind, {}).items()
         ]
         lines += [f"| {task} | {w} | {r['n']:,} | {r['coverage']:.2f} | {r['mean_set_size']:.2f} |" for w, r in rows]
+    if conformal.get("too_small_message"):
+        lines += ["", f"**Warning:** {conformal['too_small_message']}"]
     return "\n".join(lines)
 
 
@@ -167,10 +171,18 @@ def read_outcomes(results_path: str | Path) -> dict[str, dict[str, np.ndarray]] 
     if not path.is_file():
         return None
     outcomes: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as saved:
-        for key in saved.files:
-            name, task = key.rsplit("/", 1)
-            outcomes.setdefault(name, {})[task] = saved[key]
+    try:  # a torn or foreign file is named: zip, zlib and numpy each raise their own error on one
+        with np.load(path, allow_pickle=False) as saved:
+            for key in saved.files:
+                name, task = key.rsplit("/", 1)
+                outcomes.setdefault(name, {})[task] = rows = saved[key]
+                if rows.ndim != 1:
+                    raise ValueError(f"{key} holds a {rows.ndim}-d array, not one outcome per row")
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise EvaluationError(
+            f"{path} is damaged or not written by python -m train.evaluate ({error}); evaluate that run again with "
+            "--bootstrap N, or delete the file to compare without the paired test."
+        ) from None
     return outcomes
 
 

@@ -61,6 +61,49 @@ def fit_conformal(
     }
 
 
+def smallest_split(level: float) -> int:
+    """The fewest calibration rows for which conformal_quantile gives a threshold at `level` (9 at 0.9, 19 at 0.95)."""
+    rows = max(1, math.floor(level / (1 - level)) - 1)
+    while math.ceil((rows + 1) * level - 1e-9) > rows:
+        rows += 1
+    return rows
+
+
+def too_small(predictions: Mapping[str, Predictions], config, conformal: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Where the calibration split was too small for the level: per task, the labels left without a threshold
+    (null: every set holds them), the rows they were fitted on and the smallest split that would fit (per label
+    when class-conditional)."""
+    needed = smallest_split(conformal["level"])
+    found = []
+    for task, thresholds in conformal["thresholds"].items():
+        empty = [i for i, threshold in enumerate(thresholds) if threshold is None]
+        if not empty:
+            continue
+        _, labels = pooled(predictions, task)
+        names = config.tasks[task]
+        if conformal["class_conditional"]:
+            rows: Any = {names[i]: int((labels == i).sum()) for i in empty}
+        else:
+            rows = len(labels)
+        found.append({"task": task, "labels": [names[i] for i in empty], "rows": rows, "needed": needed})
+    return found
+
+
+def too_small_message(found: Sequence[Mapping[str, Any]], conformal: Mapping[str, Any]) -> str:
+    """The one wording of a split too small, for the console and report.md."""
+    per = " of each label" if conformal["class_conditional"] else ""
+    parts = []
+    for entry in found:
+        rows = entry["rows"]
+        had = ", ".join(f"{k}: {v}" for k, v in rows.items()) if isinstance(rows, dict) else f"{rows} rows"
+        parts.append(f"{entry['task']} ({', '.join(entry['labels'])}; {had})")
+    return (
+        f"the calibration split {conformal['fitted_on']!r} is too small for level {conformal['level']} in "
+        f"{'; '.join(parts)}: those thresholds are null, so those sets hold every label and promise nothing. "
+        f"The smallest split that fits holds {found[0]['needed']} labelled rows{per} per task."
+    )
+
+
 def coverage_row(inside: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Coverage (% of rows whose set holds the true label), mean set size and n."""
     return {
