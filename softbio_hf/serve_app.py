@@ -40,6 +40,7 @@ def build_app(
     from starlette.exceptions import HTTPException
 
     version = package_version()
+    limits.detectors = available_detectors(analyzer.yunet_path)
     app = FastAPI(title="softbio", version=version, docs_url="/docs", redoc_url=None)
     app.openapi = lambda: openapi(limits, version)  # type: ignore[method-assign]
     metrics = Metrics()
@@ -162,6 +163,13 @@ def build_app(
     warm_up(analyzer, scheduler)
     app.state.ready = True
     return Operations(app, metrics)
+
+
+def available_detectors(yunet_path: str | None) -> tuple[str, ...]:
+    """The detectors this server can run: YuNet only with its file (given, cached or downloadable once)."""
+    from .faces import DETECTORS, yunet_model_path
+
+    return tuple(name for name in DETECTORS if name != "yunet" or yunet_model_path(yunet_path) is not None)
 
 
 def not_ready_reason(app, analyzer, scheduler: BatchScheduler) -> str | None:
@@ -295,7 +303,7 @@ async def read_images(request, limits: Limits) -> list[Any]:
     elif kind == "application/json":
         images = urls_of(body, limits.allow_urls)
     else:
-        images = await multipart_files(request, body, limits.max_images)
+        images = multipart_files(request.headers.get("content-type", ""), body, limits.max_images)
     if not images:
         raise Refused(422, "no image in the request: send one as the body, or as multipart file parts.")
     if len(images) > limits.max_images:
@@ -317,20 +325,55 @@ def urls_of(body: bytes, allow_urls: bool) -> list[str]:
     return urls
 
 
-async def multipart_files(request, body: bytes, max_images: int) -> list[bytes]:
-    from starlette.requests import Request
+def multipart_files(content_type: str, body: bytes, max_images: int) -> list[bytes]:
+    """The raw bytes of each `file` part (or any part with a filename) of a multipart body read under the size cap;
+    a part under another name is refused rather than ignored."""
+    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
-    async def replay():  # the body was read under the size cap; the form parser reads it from here
-        return {"type": "http.request", "body": body, "more_body": False}
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise Refused(422, "a multipart/form-data body needs a boundary in its Content-Type.")
+    parts: list[dict[str, Any]] = []
+    header: dict[str, bytes] = {}
 
+    def on_part_begin() -> None:
+        parts.append({"headers": {}, "data": []})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] = header.get("field", b"") + data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] = header.get("value", b"") + data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][header.pop("field", b"").lower()] = header.pop("value", b"")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].append(data[start:end])
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
     try:
-        form = await Request(request.scope, replay).form(max_files=max_images, max_fields=max_images)
-    except Exception as error:  # starlette's MultiPartException and the parser's errors
-        if "Too many files" in str(error):
-            raise Refused(413, f"over the {max_images} images a request may hold (--max-images).") from None
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError) as error:
         raise Refused(422, f"the multipart body could not be read ({error}).") from None
-    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
-    return [await part.read() for part in files]
+    files = []
+    for part in parts:
+        disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))[1]
+        if disposition.get(b"name") != b"file" and b"filename" not in disposition:
+            name = disposition.get(b"name", b"").decode("latin-1")
+            raise Refused(422, f"the multipart part {name!r} is not an image: send each image as a part named 'file'.")
+        files.append(b"".join(part["data"]))
+        if len(files) > max_images:
+            raise Refused(413, f"over the {max_images} images a request may hold (--max-images).")
+    return files
 
 
 def package_version() -> str:

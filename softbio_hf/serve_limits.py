@@ -48,12 +48,13 @@ class Limits:
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     allow_urls: bool = False
     token: str | None = None
+    detectors: tuple[str, ...] = DETECTORS  # those that can run here (YuNet needs its file)
 
 
 def option_bounds(limits: Limits) -> dict[str, tuple[type, Any, Any, str]]:
     """Each query option of /v1/analyze: (type, lowest, highest, what it is); the schema publishes the same."""
     return {
-        "detector": (str, None, None, f"one of {list(DETECTORS)}; yunet needs its file (--yunet-path) offline"),
+        "detector": (str, None, None, f"one of {list(limits.detectors)} (yunet needs its file: --yunet-path)"),
         "threshold": (float, 0.0, 1.0, "the detector's score a face needs"),
         "margin": (float, 0.0, 2.0, "context around a face, as a fraction of its size"),
         "max_faces": (int, 1, limits.max_faces_cap, f"faces per image, largest first (default {limits.max_faces})"),
@@ -73,8 +74,9 @@ def read_options(query, limits: Limits) -> dict[str, Any]:
     for name, text in query.items():
         kind, low, high, _ = bounds[name]
         if kind is str:
-            if text not in DETECTORS:
-                raise Refused(422, f"{name}={text!r}: choose one of {list(DETECTORS)}.")
+            if text not in limits.detectors:
+                fix = " (YuNet's file is not here: start the server with --yunet-path FILE)" if text == "yunet" else ""
+                raise Refused(422, f"{name}={text!r}: choose one of {list(limits.detectors)}{fix}.")
             options[name] = text
             continue
         try:

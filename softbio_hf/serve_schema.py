@@ -77,12 +77,10 @@ ANALYZE_ERRORS = {
 
 
 def parameters(limits: Limits) -> list[dict[str, Any]]:
-    from .faces import DETECTORS
-
     found = []
     for name, (kind, low, high, what) in option_bounds(limits).items():
         if kind is str:
-            schema: dict[str, Any] = {"type": "string", "enum": list(DETECTORS)}
+            schema: dict[str, Any] = {"type": "string", "enum": list(limits.detectors)}
         else:
             schema = {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high}
         found.append({"name": name, "in": "query", "required": False, "description": what, "schema": schema})
@@ -109,15 +107,32 @@ def openapi(limits: Limits, version: str) -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "properties": {
-                                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                                        "file": {
+                                            "type": "array",
+                                            "items": {"type": "string", "format": "binary"},
+                                            "minItems": 1,
+                                            "maxItems": limits.max_images,
+                                        }
                                     },
-                                }
+                                    "required": ["file"],
+                                    "additionalProperties": False,
+                                },
+                                "encoding": {"file": {"contentType": "image/*"}},
                             },
                             "application/json": {
                                 "schema": {
                                     "type": "object",
-                                    "properties": {"urls": {"type": "array", "items": {"type": "string"}}},
+                                    "properties": {
+                                        "urls": {
+                                            "type": "array",
+                                            "items": {"type": "string", "pattern": "^https?://"},
+                                            "minItems": 1,
+                                            "maxItems": limits.max_images,
+                                        }
+                                    },
                                     "required": ["urls"],
+                                    "additionalProperties": False,
+                                    "description": "only with --allow-urls (else 403)",
                                 }
                             },
                         },
