@@ -106,7 +106,7 @@ async def read_body(receive_stream, declared: str | None, limit: int, timeout_s:
 
     try:
         await asyncio.wait_for(read(), timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         raise Refused(
             408, f"the body did not arrive within {timeout_s:g}s (the server's --body-timeout); send it faster."
         ) from None
