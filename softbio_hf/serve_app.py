@@ -13,16 +13,12 @@ from typing import Any
 import numpy as np
 
 from .serve_batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, BatchScheduler, DeadlineExceeded
-from .serve_limits import Admission, Limits, Refused, read_body, read_options
+from .serve_limits import Admission, ClientGone, Limits, Refused, read_body, read_options
 from .serve_metrics import Metrics, Operations
 from .serve_schema import openapi
 
 RAW_TYPES = ("image/", "application/octet-stream")
 LARGE_REQUEST_PIXELS = 8_000_000  # after a request this large, freed memory is handed back to the system
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer: nothing is left to send."""
 
 
 def build_app(

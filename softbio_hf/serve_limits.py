@@ -33,6 +33,10 @@ class Refused(Exception):
         self.status, self.reason, self.headers = status, reason, headers or {}
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer: nothing is left to send (logged as 499)."""
+
+
 @dataclass
 class Limits:
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
@@ -104,8 +108,12 @@ async def read_body(receive_stream, declared: str | None, limit: int, timeout_s:
                 raise Refused(413, f"the body is over the {limit:,}-byte cap; send smaller images.")
             chunks.append(chunk)
 
+    from starlette.requests import ClientDisconnect
+
     try:
         await asyncio.wait_for(read(), timeout_s)
+    except ClientDisconnect:
+        raise ClientGone() from None
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         raise Refused(
             408, f"the body did not arrive within {timeout_s:g}s (the server's --body-timeout); send it faster."

@@ -124,9 +124,9 @@ def _open(source: Any):
     in_memory = hasattr(source, "read")
     if not in_memory and not name.startswith(("http://", "https://")) and not Path(name).is_file():
         raise VideoInputError(f"{name}: no such file.")
+    if not in_memory and name.startswith(("http://", "https://")):
+        source, in_memory = _fetched(name), True  # FFmpeg's own http reader has no total deadline
     try:
-        if not in_memory and name.startswith(("http://", "https://")):
-            source, in_memory = _fetched(name), True  # FFmpeg's own http reader has no total deadline
         container = av.open(source if in_memory else name)
     except (av.FFmpegError, OSError, ValueError) as error:
         raise VideoInputError(

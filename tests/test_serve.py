@@ -146,6 +146,7 @@ def test_an_export_of_its_own_serves_the_pipelines_json_where_torch_cannot_be_im
 def test_the_server_refuses_with_a_status_and_a_reason(checkpoint_and_export, tmp_path):
     _, export = checkpoint_and_export
     Image.fromarray(np.zeros((800, 800, 3), np.uint8)).save(tmp_path / "big.png")  # 640,000 pixels, a small file
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "dot.png")
     photo = Path(GRACE).read_bytes()
     with server(tmp_path, export, "--max-body-mb", "0.5", "--max-pixels", "500000") as served:
         analyze = f"{served['url']}/v1/analyze"
@@ -158,6 +159,11 @@ def test_the_server_refuses_with_a_status_and_a_reason(checkpoint_and_export, tm
         bad_option = post(f"{analyze}?threshold=2", photo)
         misspelt = post(f"{analyze}?treshold=0.5", photo)
         url = post(analyze, json.dumps({"urls": ["http://169.254.169.254/latest"]}).encode(), "application/json")
+        seventeen = post(analyze, *multipart(*[str(tmp_path / "dot.png")] * 17))
+        yunet = post(f"{analyze}?detector=yunet", photo)
+        huge = post(f"{analyze}?min_face_size=1e308", photo)
+        missing = post(f"{served['url']}/v2/nothing", photo)
+        wrong_method = post(f"{served['url']}/health/live", photo)
         ok = post(f"{analyze}?detector=haar&top_k=1", photo)
     assert wrong_token[0] == no_token[0] == 401 and wrong_token[2]["www-authenticate"] == "Bearer"
     assert "Bearer" in wrong_token[1]["error"]
@@ -165,9 +171,13 @@ def test_the_server_refuses_with_a_status_and_a_reason(checkpoint_and_export, tm
     assert not_decodable[0] == 422 and "is not an image" in not_decodable[1]["error"]
     assert oversized[0] == 413 and "cap" in oversized[1]["error"]
     assert too_many_pixels[0] == 413 and "800x800" in too_many_pixels[1]["error"]
-    assert bad_option[0] == 422 and "threshold=2.0" in bad_option[1]["error"]
+    assert bad_option[0] == 422 and "threshold='2'" in bad_option[1]["error"] and "0.0 to 1.0" in bad_option[1]["error"]
     assert misspelt[0] == 422 and "treshold" in misspelt[1]["error"]
     assert url[0] == 403 and "--allow-urls" in url[1]["error"]
+    assert seventeen[0] == 413 and "16 images" in seventeen[1]["error"]
+    assert yunet[0] == 422 and "--yunet-path" in yunet[1]["error"]  # offline: named with its fix, never a 500
+    assert huge[0] == 422 and "min_face_size" in huge[1]["error"]
+    assert missing[0] == 404 and wrong_method[0] == 405 and missing[1]["error"] and wrong_method[1]["error"]
     assert ok[0] == 200 and len(ok[1]["results"][0][0]["age"]["scores"]) == 1
 
 
@@ -290,7 +300,7 @@ def batched(checkpoint_and_export, tmp_path_factory) -> Iterator[dict]:
     _, export = checkpoint_and_export
     root = tmp_path_factory.mktemp("batched")
     options = ("--max-wait-ms", "800", "--allow-urls", "--fetch-timeout", "5", "--body-timeout", "3")
-    with server(root, export, *options, "--max-queue", "4") as served:
+    with server(root, export, *options, "--max-queue", "8") as served:
         yield served
 
 
@@ -321,14 +331,14 @@ def test_n_concurrent_requests_answer_as_n_sequential_ones_in_fewer_forward_pass
 
 
 def test_slow_uploads_do_not_lock_others_out(batched):
-    """Six sockets send headers and 100 bytes of a 1 MB body and stall: the queue (4) stays free for a real photo,
+    """Ten sockets send headers and 100 bytes of a 1 MB body and stall: the queue (8) stays free for a real photo,
     and each stalled upload is answered 408 at the body deadline."""
     head = (
         "POST /v1/analyze HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: image/jpeg\r\n"
         "Content-Length: 1000000\r\n\r\n"
     ).replace("{TOKEN}", TOKEN)
     stalled = []
-    for _ in range(6):
+    for _ in range(10):
         sock = socket.create_connection(("127.0.0.1", batched["port"]))
         sock.sendall(head.encode() + b"x" * 100)
         stalled.append(sock)
@@ -340,7 +350,7 @@ def test_slow_uploads_do_not_lock_others_out(batched):
         answers.append(sock.recv(4096).decode(errors="replace"))
         sock.close()
     assert other[0] == 200
-    assert all(answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer for answer in answers), answers
+    assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers
 
 
 def test_a_64_face_photo_and_a_huge_detection_side_stay_within_the_caps(batched, tmp_path):
@@ -522,7 +532,7 @@ def test_sigterm_with_requests_in_flight_drains_them_and_exits_0(checkpoint_and_
 
     _, export = checkpoint_and_export
     photo = Path(GRACE).read_bytes()
-    options = ("--max-wait-ms", "2000", "--drain-timeout", "10")
+    options = ("--max-wait-ms", "5000", "--drain-timeout", "10")
     with server(tmp_path, export, *options) as served:
         answers: list = []
         clients = [
@@ -533,8 +543,8 @@ def test_sigterm_with_requests_in_flight_drains_them_and_exits_0(checkpoint_and_
             client.start()
         stalled = socket.create_connection(("127.0.0.1", served["port"]))
         stalled.sendall(
-            b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
-            b"0123456789"
+            f"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: 1000\r\n\r\n0123456789".encode()  # a body stalled after 10 bytes
         )
         wait_for(lambda: metric(served["url"], "softbio_queue_depth") == 3)
         served["process"].send_signal(signal.SIGTERM)
