@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 
 from .serve_batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
@@ -90,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-queue", type=positive(int), default=DEFAULT_MAX_QUEUE, help="requests in progress; 429 above")
     add("--max-batch", type=positive(int), default=DEFAULT_MAX_BATCH, help="faces per forward pass, across requests")
     add("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="how long a batch waits for more faces")
+    add("--header-timeout", type=positive(float), default=10.0, help="seconds a request's headers may take")
     add("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT_S, help="seconds a body may take (408)")
     add("--request-timeout", type=positive(float), default=DEFAULT_REQUEST_TIMEOUT_S, help="seconds to answer (504)")
     add("--fetch-timeout", type=positive(float), default=DEFAULT_FETCH_TIMEOUT_S, help="seconds a URL fetch may take")
@@ -140,8 +140,12 @@ def app_of(args: argparse.Namespace):
 
 def app_from_environment():
     """uvicorn's factory in each --workers process: the command line travels in SOFTBIO_SERVE_ARGS."""
+    from .serve_http import HeaderDeadline
+
+    args = build_parser().parse_args(json.loads(os.environ[ARGS_VARIABLE]))
+    HeaderDeadline.timeout_s = args.header_timeout
     log_access()
-    return app_of(build_parser().parse_args(json.loads(os.environ[ARGS_VARIABLE])))
+    return app_of(args)
 
 
 def log_access() -> None:
@@ -160,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
+    from .serve_http import HeaderDeadline, run_draining
+
+    HeaderDeadline.timeout_s = args.header_timeout
     served = dict(
+        http=HeaderDeadline,
         host=args.host,
         port=args.port,
         log_level="warning",
@@ -180,20 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_draining(app, served)
     return 0
-
-
-def run_draining(app, options: dict) -> None:
-    """uvicorn's server until SIGTERM or SIGINT, then a drain of at most --drain-timeout, ending with 0 (uvicorn
-    re-raises the signal after its drain, so the process would end as killed by it: -15 to its supervisor)."""
-    import uvicorn
-
-    class Draining(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:
-                self._captured_signals.remove(sig)
-
-    Draining(uvicorn.Config(app, **options)).run()
 
 
 if __name__ == "__main__":

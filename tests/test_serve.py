@@ -299,7 +299,17 @@ def batched(checkpoint_and_export, tmp_path_factory) -> Iterator[dict]:
     """One server for the tests that only read it: a wide batch window, URLs allowed, short body and fetch limits."""
     _, export = checkpoint_and_export
     root = tmp_path_factory.mktemp("batched")
-    options = ("--max-wait-ms", "800", "--allow-urls", "--fetch-timeout", "5", "--body-timeout", "3")
+    options = (
+        "--max-wait-ms",
+        "800",
+        "--allow-urls",
+        "--fetch-timeout",
+        "5",
+        "--body-timeout",
+        "3",
+        "--header-timeout",
+        "3",
+    )
     with server(root, export, *options, "--max-queue", "8") as served:
         yield served
 
@@ -342,6 +352,8 @@ def test_slow_uploads_do_not_lock_others_out(batched):
         sock = socket.create_connection(("127.0.0.1", batched["port"]))
         sock.sendall(head.encode() + b"x" * 100)
         stalled.append(sock)
+    half_head = socket.create_connection(("127.0.0.1", batched["port"]))
+    half_head.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\n")  # and never the rest of its headers
     time.sleep(0.5)  # for the server to take them in: an ordering need
     other = post(f"{batched['url']}/v1/analyze?detector=haar", Path(GRACE).read_bytes())
     answers = []
@@ -349,7 +361,10 @@ def test_slow_uploads_do_not_lock_others_out(batched):
         sock.settimeout(60)
         answers.append(sock.recv(4096).decode(errors="replace"))
         sock.close()
-    assert other[0] == 200
+    half_head.settimeout(60)
+    closed = half_head.recv(4096)
+    half_head.close()
+    assert other[0] == 200 and closed == b""  # the half-sent headers' connection was closed at --header-timeout
     assert all(answer.startswith("HTTP/1.1 408") for answer in answers), answers
 
 
