@@ -595,3 +595,12 @@ def test_schemathesis_finds_no_failure_in_the_contract_with_and_without_the_toke
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["runs"] == 12 and answer["failures"] == [], answer["failures"]
+
+
+def test_runtime_threads_follow_the_cpus_this_process_may_use(tmp_path):
+    """Pinned to one CPU (as a container or taskset pins it), the runtimes get one thread, not os.cpu_count()."""
+    code = "from softbio_hf.runtimes import usable_cpus; print(usable_cpus())"
+    done = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
