@@ -310,7 +310,7 @@ def batched(checkpoint_and_export, tmp_path_factory) -> Iterator[dict]:
         "--header-timeout",
         "3",
     )
-    with server(root, export, *options, "--max-queue", "8") as served:
+    with server(root, export, *options, "--max-queue", "8", "--cors-origin", "https://app.example") as served:
         yield served
 
 
@@ -487,10 +487,13 @@ def test_an_abandoned_request_costs_no_forward_pass(batched):
 def test_metrics_parse_and_a_request_id_is_echoed_and_logged(batched):
     photo = Path(GRACE).read_bytes()
     given = post(f"{batched['url']}/v1/analyze?detector=haar", photo, **{"X-Request-ID": "trace-42"})
-    made = post(f"{batched['url']}/v1/analyze?detector=haar", photo)
+    made = post(f"{batched['url']}/v1/analyze?detector=haar", photo, Origin="https://elsewhere.example")
+    allowed = post(f"{batched['url']}/v1/analyze?detector=haar", photo, Origin="https://app.example")
     found = metrics(batched["url"])
     assert given[2]["x-request-id"] == "trace-42" and re.fullmatch(r"[0-9a-f]{32}", made[2]["x-request-id"])
     assert given[2]["x-model-digest"] == given[1]["model_digest"]
+    assert allowed[2]["access-control-allow-origin"] == "https://app.example"  # --cors-origin, and only it
+    assert "access-control-allow-origin" not in made[2]
     assert found['softbio_requests_total{route="/v1/analyze",status="200"}'] >= 2
     assert found['softbio_request_seconds_count{route="/v1/analyze"}'] >= 2
     assert found["softbio_faces_per_image_count"] >= 2 and found["softbio_batch_faces_count"] >= 1
