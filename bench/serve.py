@@ -13,7 +13,10 @@ Rows, all from one run on one machine, as ratios:
 - photos/s of the torch-free runtime on a list of photos (detection of the next overlapped with the current
   forward pass) as a share of the limit: the best matmul rate of the fastest kernels here (torch's fp32 and bf16
   and ONNX Runtime's own MatMul) divided by the analytic FLOPs per image; goal >= 85%. A share above 100% means
-  the limit is wrong, and is flagged rather than printed as a share.
+  the limit is wrong, and is flagged rather than printed as a share;
+- the server under load (bench/serve_load.py): locust headless at concurrency 1, 4, 16 and 64, answered/s,
+  p50/p95/p99 and the share answered 429, against the same backend's batched model-alone faces/s (goal >= 85% at
+  concurrency >= 4). --load-seconds 0 leaves it out.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import time
 import urllib.request
 from importlib import metadata
 from pathlib import Path
+
+from bench.serve_load import load
+from bench.serve_load import markdown as load_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "examples" / "grace_hopper.jpg"  # one face
@@ -203,7 +209,7 @@ def light_throughput(folder: Path, photos: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(size: str, photos: int, requests: int, port: int) -> dict:
+def run(size: str, photos: int, requests: int, port: int, load_seconds: int = 0) -> dict:
     from bench.speed import cpu_description, vision_flops_per_image
     from softbio_hf import SoftBioConfig
 
@@ -212,6 +218,7 @@ def run(size: str, photos: int, requests: int, port: int) -> dict:
         light = light_server(folder, requests, port)
         heavy = torch_pipeline(folder, requests)
         throughput = light_throughput(folder, photos)
+        under_load = load(folder, "onnx", port + 1, PHOTO, load_seconds) if load_seconds else None
     serve_mb, serve_dists = closure_size_mb(serve_requirements())
     full_mb, _ = closure_size_mb([*serve_requirements(), "torch", "transformers"])
     config = SoftBioConfig(vision_config={"model_type": "clip_vision_model", **SIZES[size]})
@@ -232,6 +239,7 @@ def run(size: str, photos: int, requests: int, port: int) -> dict:
         "share_of_limit": None if share > 1 else share,
         "limit_flag": f"measured {share:.0%} of the limit: the limit is wrong" if share > 1 else None,
         "share_of_forward_alone": throughput["pipeline_photos_per_s"] / throughput["forward_alone_per_s"],
+        "load": under_load,
     }
 
 
@@ -254,6 +262,8 @@ def markdown(result: dict) -> str:
         + (f"{share:.0%} of the limit (goal >= 85%)" if share is not None else f"FLAGGED: {result['limit_flag']}")
         + f"; {result['share_of_forward_alone']:.0%} of the forward pass alone.",
     ]
+    if result.get("load"):
+        rows += ["", load_markdown(result["load"])]
     return "\n".join(rows)
 
 
@@ -267,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--photos", type=int, default=16, help="photos in the throughput row (default 16)")
     parser.add_argument("--requests", type=int, default=8, help="answers before peak memory is read (default 8)")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="the server's port (the load run takes the next)")
+    parser.add_argument("--load-seconds", type=int, default=20, help="seconds per load level (0: no load rows)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
-    result = run(args.size, args.photos, args.requests, args.port)
+    result = run(args.size, args.photos, args.requests, args.port, args.load_seconds)
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -166,7 +166,7 @@ def write_export(model, folder: Path, formats, batch_size: int | None, weights_d
 
     from .modeling_softbio import image_processor_for
     from .runtime_light import detector_defaults
-    from .runtimes import ARTIFACTS, file_digest
+    from .runtimes import ARTIFACTS, answer_digest, file_digest
 
     model = model.to(torch.float32).eval()
     size = model.config.image_size
@@ -197,6 +197,7 @@ def write_export(model, folder: Path, formats, batch_size: int | None, weights_d
         "weights_digest": weights_digest,
         "digests": {name: file_digest(folder / name) for fmt in sorted(formats) for name in ARTIFACTS[fmt]},
     }
+    manifest["answer_digest"] = answer_digest(manifest)  # an edited label or threshold is refused at load
     config.save_pretrained(folder)  # a folder of its own keeps the config and image processor; beside, unused
     image_processor_for(config).save_pretrained(folder)
     return manifest

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import time
+import threading
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,22 +42,56 @@ def describe(source: Any) -> str:
     return f"object of type {type(source).__name__}"
 
 
-def _download(url: str, timeout: float, name: str) -> bytes:
-    """The URL's bytes within `timeout` seconds in all (a socket timeout alone bounds each read, not the whole)."""
-    deadline = time.monotonic() + timeout
+class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only within the URL's own scheme (never http -> ftp or file)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme, target = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if target.lower() != scheme.lower():
+            raise urllib.error.HTTPError(
+                newurl, code, f"a redirect from {scheme}:// to {target or 'a relative'}:// is not followed", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameSchemeRedirects)
+
+
+def _read_all(url: str, timeout: float, name: str, max_bytes: int) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "softbio"})
     chunks, size = [], 0
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        while chunk := response.read1(64 * 1024):  # whatever has arrived: the deadline is checked between
+    with _OPENER.open(request, timeout=timeout) as response:
+        while chunk := response.read1(64 * 1024):
             chunks.append(chunk)
             size += len(chunk)
-            if size > MAX_DOWNLOAD_BYTES:
-                raise ImageInputError(
-                    f"{name} is larger than {MAX_DOWNLOAD_BYTES:,} bytes; download and downscale it first."
-                )
-            if time.monotonic() > deadline:
-                raise ImageInputError(f"Could not download {name} within {timeout:g}s; pass a larger timeout.")
+            if size > max_bytes:
+                raise ImageInputError(f"{name} is larger than {max_bytes:,} bytes; download and downscale it first.")
     return b"".join(chunks)
+
+
+def fetch_url(url: str, timeout: float, name: str, max_bytes: int | None = None) -> bytes:
+    """
+    The URL's bytes within `timeout` seconds in all, from the connection to the last byte (a socket timeout bounds
+    each read, not the whole, and a remote trickling its headers is never timed by read1): the fetch runs in a
+    daemon thread that is abandoned at the deadline. Images and videos (video.py) are fetched here alike.
+    """
+    done: dict[str, Any] = {}
+    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes  # read now: tests lower the module's cap
+
+    def fetch() -> None:
+        try:
+            done["bytes"] = _read_all(url, timeout, name, max_bytes)
+        except BaseException as error:  # handed to the caller's thread
+            done["error"] = error
+
+    worker = threading.Thread(target=fetch, name="softbio-download", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():  # it stops at its socket's next timeout; its bytes are dropped
+        raise ImageInputError(f"Could not download {name} within {timeout:g}s; pass a larger timeout.")
+    if "error" in done:
+        raise done["error"]
+    return done["bytes"]
 
 
 def _open(source: Any, timeout: float, name: str) -> Image.Image:
@@ -66,7 +102,7 @@ def _open(source: Any, timeout: float, name: str) -> Image.Image:
         return Image.open(io.BytesIO(bytes(source)))
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         try:
-            return Image.open(io.BytesIO(_download(source, timeout, name)))
+            return Image.open(io.BytesIO(fetch_url(source, timeout, name)))
         except OSError as error:
             if isinstance(error, UnidentifiedImageError):
                 raise

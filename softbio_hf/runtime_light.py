@@ -13,6 +13,7 @@ from the export's manifest (tasks, labels, age years, image size and normalisati
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,12 +190,13 @@ class ExportedPipeline:
         self.tasks = {task: list(manifest["labels"][task]) for task in manifest["tasks"]}
         self.defaults = {**detector_defaults(), **(manifest.get("detector") or {})}
         self.yunet_path = yunet_path
-        self._detectors: dict[str, Any] = {}
+        self._local = threading.local()  # detectors keep per-image state (YuNet's input size): one set per thread
 
     def detector(self, name: str):
-        if name not in self._detectors:
-            self._detectors[name] = make_detector(name, self.yunet_path)
-        return self._detectors[name]
+        detectors = self._local.__dict__.setdefault("detectors", {})
+        if name not in detectors:
+            detectors[name] = make_detector(name, self.yunet_path)
+        return detectors[name]
 
     def __call__(self, inputs: Any, batch_size: int | None = None, **options: Any):
         unknown = {k: v for k, v in options.items() if k not in CALL_OPTIONS and k != "max_pixels"}
@@ -276,7 +278,10 @@ class ExportedPipeline:
     def answer(self, faces, crops, top_k: int | None, batch_size: int | None) -> list[dict[str, Any]]:
         if not faces:
             return []
-        probs = self.probabilities(crops, batch_size)
+        return self.records(faces, self.probabilities(crops, batch_size), top_k)
+
+    def records(self, faces: list[dict[str, Any]], probs: dict[str, np.ndarray], top_k: int | None) -> list[dict]:
+        """Each face's record from its rows of `probs` (the server's batches come back this way too)."""
         age_years = self.manifest.get("age_years")
         return [
             face_result(

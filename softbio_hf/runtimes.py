@@ -35,7 +35,14 @@ ARTIFACTS = {"onnx": ("onnx/model.onnx",), "openvino": ("openvino/openvino_model
 EXTRAS = {"onnx": "onnxruntime", "openvino": "openvino"}
 # Checkpoint weights beside an export: the manifest's digest must be theirs.
 WEIGHT_PATTERNS = ("*.safetensors",)
-MANIFEST_KEYS = ("formats", "tasks", "labels", "image_size", "image_mean", "image_std", "batch", "digests")
+MANIFEST_KEYS = (
+    "formats", "tasks", "labels", "image_size", "image_mean", "image_std", "batch", "digests", "answer_digest",
+)  # fmt: skip
+# The manifest's fields that decide an answer: its `answer_digest` covers them, so an edit is refused.
+ANSWER_FIELDS = (
+    "tasks", "labels", "age_years", "calibration", "image_size", "image_mean", "image_std", "detector", "outputs",
+    "batch",
+)  # fmt: skip
 
 
 class ExportInvalid(ValueError):
@@ -54,6 +61,33 @@ def file_digest(path: Path) -> str:
         while piece := handle.read(4 * 1024 * 1024):
             digest.update(piece)
     return digest.hexdigest()
+
+
+def answer_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's answer-deciding fields (labels, normalisation, age years, calibration and conformal
+    thresholds, detector defaults), as canonical JSON: written by the export, checked before serving."""
+    fields = {key: manifest.get(key) for key in ANSWER_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, lowered by a cgroup CPU quota (a container's --cpus), >= 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),  # cgroup v1
+    ):
+        try:
+            text = Path(quota_file).read_text().split()
+            quota, period = (text[0], text[1]) if period_file is None else (text[0], Path(period_file).read_text())
+            if quota not in ("max", "-1") and int(period) > 0:
+                cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cpus)
 
 
 def weights_digest(folder: Path) -> str | None:
@@ -92,17 +126,40 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_export(folder: Path, backend: str, manifest: dict[str, Any]) -> None:
-    """Refuse an export whose `backend` artifacts or neighbouring weights are not the ones its manifest names."""
+def read_artifacts(folder: Path, backend: str) -> dict[str, bytes]:
+    """`backend`'s artifacts read into memory: the runtime loads these bytes, checked against the manifest, so a
+    file changed (or truncated) under a running server changes nothing (nothing is memory-mapped)."""
+    blobs = {}
+    for name in ARTIFACTS[backend]:
+        try:
+            blobs[name] = (Path(folder) / name).read_bytes()
+        except OSError:
+            blobs[name] = b""  # named below as not the file its manifest names
+    return blobs
+
+
+def verify_export(folder: Path, backend: str, manifest: dict[str, Any], blobs: dict[str, bytes] | None = None) -> None:
+    """Refuse an export whose `backend` artifacts (the files, or `blobs` read from them), neighbouring weights or
+    answer-deciding manifest fields are not the ones the export wrote."""
     folder = Path(folder)
     if backend not in manifest["formats"]:
         raise FileNotFoundError(
             f"{folder} has no {backend} export (it holds {manifest['formats']}). Make one with: "
             f"{reexport_hint(folder, backend)}"
         )
+    if manifest.get("answer_digest") != answer_digest(manifest):
+        raise ExportInvalid(
+            f"{folder / MANIFEST} was edited since the export (its labels, normalisation, age years, calibration or "
+            f"detector defaults no longer match its answer_digest): it will not be served. Export again: "
+            f"{reexport_hint(folder, backend)}"
+        )
     for name in ARTIFACTS[backend]:
         expected = manifest["digests"].get(name)
-        if not (folder / name).is_file() or expected != file_digest(folder / name):
+        if blobs is not None:
+            actual = hashlib.sha256(blobs[name]).hexdigest()
+        else:
+            actual = file_digest(folder / name) if (folder / name).is_file() else None
+        if expected != actual:
             raise ExportInvalid(
                 f"{folder / name} is not the file its manifest names (changed, truncated or replaced since the "
                 f"export): it will not be served. Export again: {reexport_hint(folder, backend)}"
@@ -128,29 +185,38 @@ class ExportedModel:
         self.backend = backend
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        verify_export(self.folder, backend, self.manifest)
+        blobs = read_artifacts(self.folder, backend)
+        verify_export(self.folder, backend, self.manifest, blobs)
+        self.digest = self.manifest["digests"][ARTIFACTS[backend][-1]]  # the weights' sha256, as loaded
         self.tasks: list[str] = list(self.manifest["tasks"])
         batch = self.manifest["batch"]
         self.fixed_batch: int | None = batch if isinstance(batch, int) else None
+        self.threads = threads or usable_cpus()
         path = self.folder / ARTIFACTS[backend][0]
         try:
-            self._load(path, exact, threads or os.cpu_count() or 1)
+            self._load(blobs, exact, self.threads)
         except Exception as error:  # the runtimes raise their own kinds for a file they cannot read
             raise ExportInvalid(
                 f"{backend} could not load {path} ({type(error).__name__}: {str(error)[:300]}); export again: "
                 f"{reexport_hint(self.folder, backend)}"
             ) from None
 
-    def _load(self, path: Path, exact: bool, threads: int) -> None:
+    def _load(self, blobs: dict[str, bytes], exact: bool, threads: int) -> None:
+        """The runtime built from the checked bytes in memory, never from the files again."""
         if self.backend == "onnx":
             runtime = import_runtime("onnxruntime", "onnx")
             options = runtime.SessionOptions()
             options.intra_op_num_threads = threads
-            self._session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            model = blobs[ARTIFACTS["onnx"][0]]
+            self._session = runtime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         else:
             runtime = import_runtime("openvino", "openvino")
-            hints = {"INFERENCE_PRECISION_HINT": "f32"} if exact else {}
-            self._compiled = runtime.Core().compile_model(str(path), "CPU", hints)
+            hints: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads}
+            if exact:
+                hints["INFERENCE_PRECISION_HINT"] = "f32"
+            xml, weights = (blobs[name] for name in ARTIFACTS["openvino"])
+            core = runtime.Core()
+            self._compiled = core.compile_model(core.read_model(model=xml, weights=weights), "CPU", hints)
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)

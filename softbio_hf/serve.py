@@ -5,243 +5,69 @@
 
 POST /v1/analyze   one image as the raw body (Content-Type image/*), or several as multipart/form-data parts;
                    options as query parameters (detector, threshold, margin, max_faces, min_face_size, top_k,
-                   batch_size, detection_max_side): {"backend", "results": [the pipeline's JSON per image]}
-GET  /health       {"status": "ok"}
-GET  /v1/model     tasks, labels, versions, backend
+                   detection_max_side), each bounded: {"backend", "model_digest", "max_faces", "truncated",
+                   "results": [the pipeline's JSON per image]}
+GET  /health/live  the process answers; /health/ready: the model is loaded, warmed and answers (503 if not)
+GET  /metrics      Prometheus text: requests, latency, queue depth, faces per forward pass and per image
+GET  /v1/model     tasks, labels, versions, backend, model digest
 GET  /docs         OpenAPI docs (/openapi.json)
 
-Errors are JSON {"error": reason} with a 4xx status: 401 (a wrong or missing token when SOFTBIO_API_TOKEN is set),
-413 (a body or an image over the caps), 415 (not an image type), 422 (an image that does not decode, a wrong
-option), 429 with Retry-After (the queue is full). One model per process, one forward pass at a time; run more
-processes behind a proxy for more cores.
+Faces from requests that arrive together share a forward pass (--max-batch, --max-wait-ms). A request takes a
+queue place only once its body is in (--body-timeout); 429 with Retry-After when --max-queue are in progress.
+Errors are JSON {"error": reason}: 401 (a wrong or missing token when SOFTBIO_API_TOKEN is set), 403, 404, 405,
+408, 413 (a body, an image count, an image or a request's pixels over the caps), 415, 422, 429, 503, 504.
 """
 
+from __future__ import annotations
+
 import argparse
-import asyncio
-import hmac
+import json
+import logging
+import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
-DEFAULT_MAX_BODY_MB = 20.0
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MAX_QUEUE = 16
-DEFAULT_MAX_IMAGES = 16
-RETRY_AFTER_S = 1
-TOKEN_VARIABLE = "SOFTBIO_API_TOKEN"
-# Query parameters /v1/analyze takes, and how each is read.
-OPTION_TYPES = {
-    "detector": str,
-    "threshold": float,
-    "margin": float,
-    "max_faces": int,
-    "min_face_size": float,
-    "detection_max_side": int,
-    "top_k": int,
-    "batch_size": int,
-}
-RAW_TYPES = ("image/", "application/octet-stream")
+from .serve_batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from .serve_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_MAX_DETECTION_SIDE,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    MAX_FACES_CAP,
+    TOKEN_VARIABLE,
+    Limits,
+)
 
-
-class Refused(Exception):
-    """A request answered with a 4xx status and a reason."""
-
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None):
-        super().__init__(reason)
-        self.status, self.reason, self.headers = status, reason, headers or {}
+ARGS_VARIABLE = "SOFTBIO_SERVE_ARGS"  # how --workers hands the command line to each worker process
+DEFAULT_CONNECTIONS = 128
+DEFAULT_DRAIN_S = 20
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_queue: int = DEFAULT_MAX_QUEUE
-    max_images: int = DEFAULT_MAX_IMAGES
-    allow_urls: bool = False
-    token: str | None = None
+def positive(kind: type):
+    """An argparse type: a finite number > 0 of `kind`, else a clear error (never a traceback)."""
 
-
-def build_app(analyzer, limits: Limits):
-    """The ASGI app serving `analyzer` (a runtime_light.ExportedPipeline) within `limits`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
-    app = FastAPI(title="softbio", version=package_version(), summary="Age group, gender and emotion of every face")
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softbio-model")  # one forward pass at a time
-    queue = {"active": 0}
-
-    @app.exception_handler(Refused)
-    async def refused(_request, error: Refused):
-        return JSONResponse({"error": error.reason}, status_code=error.status, headers=error.headers)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/model")
-    async def model(request: Request) -> dict[str, Any]:
-        check_token(request, limits.token)
-        return {**analyzer.describe(), "softbio": package_version()}
-
-    @app.post("/v1/analyze", openapi_extra=ANALYZE_BODY)
-    async def analyze(request: Request) -> dict[str, Any]:
-        check_token(request, limits.token)
-        if queue["active"] >= limits.max_queue:  # checked and taken with no await between: atomic in the loop
-            raise Refused(
-                429,
-                f"the server is busy ({limits.max_queue} requests in progress); retry after {RETRY_AFTER_S}s.",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
-        queue["active"] += 1
+    def parse(text: str):
         try:
-            options = read_options(request.query_params)
-            images = await read_images(request, limits)
-            work = lambda: analyzer(images, max_pixels=limits.max_pixels, **options)  # noqa: E731
-            results = await asyncio.get_running_loop().run_in_executor(worker, answer_or_refuse, work)
-        finally:
-            queue["active"] -= 1
-        return {"backend": analyzer.backend, "results": results}
-
-    return app
-
-
-def check_token(request, token: str | None) -> None:
-    if token is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise Refused(
-            401, "a valid bearer token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
-        )
-
-
-def read_options(query) -> dict[str, Any]:
-    unknown = sorted(set(query) - set(OPTION_TYPES))
-    if unknown:
-        raise Refused(422, f"unknown query parameter(s) {unknown}; the options are {sorted(OPTION_TYPES)}.")
-    options = {}
-    for name, value in query.items():
-        try:
-            options[name] = OPTION_TYPES[name](value)
+            value = kind(text)
         except ValueError:
-            kind = {int: "a whole number", float: "a number"}[OPTION_TYPES[name]]
-            raise Refused(422, f"{name}={value!r}: expected {kind}.") from None
-    return options
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: use a finite number > 0")
+        return value
+
+    return parse
 
 
-async def read_body(request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Refused(413, f"the body is {int(declared):,} bytes, over the {limit:,}-byte cap; send smaller images.")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"the body is over the {limit:,}-byte cap; send smaller images.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_images(request, limits: Limits) -> list[Any]:
-    """The request's images: bytes of each multipart file part or the raw body; URLs only with --allow-urls."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not kind.startswith(("multipart/form-data", "application/json", *RAW_TYPES)):
-        raise Refused(
-            415,
-            f"Content-Type {kind or '(none)'} is not an image: send image/jpeg, image/png, ... as the body, or "
-            "multipart/form-data with one file part per image.",
-        )
-    body = await read_body(request, limits.max_body_bytes)
-    if kind.startswith(RAW_TYPES):
-        images: list[Any] = [body] if body else []
-    elif kind == "application/json":
-        images = urls_of(body, limits.allow_urls)
-    else:
-        images = await multipart_files(request, body, limits.max_images)
-    if not images:
-        raise Refused(422, "no image in the request: send one as the body, or as multipart file parts.")
-    if len(images) > limits.max_images:
-        raise Refused(413, f"{len(images)} images, over the {limits.max_images} a request may hold.")
-    return images
-
-
-def urls_of(body: bytes, allow_urls: bool) -> list[str]:
-    import json
-
-    if not allow_urls:  # a server that fetches what it is told can be aimed at the network behind it (SSRF)
-        raise Refused(403, "this server does not fetch URLs (start it with --allow-urls); send the image itself.")
-    try:
-        urls = json.loads(body)["urls"]
-    except (ValueError, KeyError, TypeError):
-        raise Refused(422, 'a JSON body must be {"urls": ["https://...", ...]}.') from None
-    if not isinstance(urls, list) or not all(
-        isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls
-    ):
-        raise Refused(422, '"urls" must be a list of http(s) URLs.')
-    return urls
-
-
-async def multipart_files(request, body: bytes, max_images: int) -> list[bytes]:
-    from starlette.requests import Request
-
-    async def replay():  # the body was read under the size cap; the form parser reads it from here
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=max_images, max_fields=max_images)
-    except Exception as error:  # starlette's MultiPartException and the parser's errors
-        raise Refused(422, f"the multipart body could not be read ({error}).") from None
-    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
-    return [await part.read() for part in files]
-
-
-def answer_or_refuse(work):
-    """Run the model; bad images and options become 413/422 with the runtime's own message."""
-    from .images import ImageInputError, ImageTooLarge
-
-    try:
-        return work()
-    except ImageTooLarge as error:
-        raise Refused(413, f"{error} (the server's cap: --max-pixels)") from None
-    except ImageInputError as error:
-        raise Refused(422, str(error)) from None
-    except (ValueError, TypeError) as error:  # an option out of range, an unknown detector
-        raise Refused(422, str(error)) from None
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("softbio")
-    except PackageNotFoundError:
-        return "source"
-
-
-ANALYZE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {
-                "schema": {"type": "object", "properties": {"urls": {"type": "array", "items": {"type": "string"}}}}
-            },
-        },
-    },
-    "parameters": [
-        {"name": name, "in": "query", "required": False, "schema": {"type": kind.__name__.replace("str", "string")}}
-        for name, kind in OPTION_TYPES.items()
-    ],
-}
+def port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a whole number from 0 to 65535")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,45 +77,119 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import add_version_argument  # stdlib only: --version needs no torch
 
     add_version_argument(parser)
-    parser.add_argument("--model", required=True, help="an export folder (python -m softbio_hf.export) or a Hub id")
-    parser.add_argument("--backend", choices=("onnx", "openvino"), default="onnx")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, help="413 above this")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="413 for an image above this")
-    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="images a request may hold")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests in progress; 429 above")
-    parser.add_argument("--allow-urls", action="store_true", help='fetch {"urls": [...]} bodies (an SSRF risk)')
-    parser.add_argument("--threads", type=int, default=None, help="the runtime's threads (default: all cores)")
-    parser.add_argument("--yunet-path", default=None, help="a local YuNet .onnx (else the Hub cache, else Haar)")
+    add = parser.add_argument
+    add("--model", required=True, help="an export folder (python -m softbio_hf.export) or a Hub id")
+    add("--backend", choices=("onnx", "openvino"), default="onnx")
+    add("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines")
+    add("--port", type=port, default=8000)
+    add("--max-body-mb", type=positive(float), default=DEFAULT_MAX_BODY_MB, help="413 above this")
+    add("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS, help="413 for an image above this")
+    add("--max-request-pixels", type=positive(int), default=DEFAULT_MAX_REQUEST_PIXELS, help="all a request's images")
+    add("--max-images", type=positive(int), default=DEFAULT_MAX_IMAGES, help="images a request may hold (413 above)")
+    add("--max-faces", type=positive(int), default=DEFAULT_MAX_FACES, help="faces per image unless ?max_faces says")
+    add("--max-faces-cap", type=positive(int), default=MAX_FACES_CAP, help="the most ?max_faces may ask for")
+    add("--max-detection-side", type=positive(int), default=DEFAULT_MAX_DETECTION_SIDE, help="?detection_max_side cap")
+    add("--max-queue", type=positive(int), default=DEFAULT_MAX_QUEUE, help="requests in progress; 429 above")
+    add("--max-batch", type=positive(int), default=DEFAULT_MAX_BATCH, help="faces per forward pass, across requests")
+    add("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="how long a batch waits for more faces")
+    add("--header-timeout", type=positive(float), default=10.0, help="seconds a request's headers may take")
+    add("--body-timeout", type=positive(float), default=DEFAULT_BODY_TIMEOUT_S, help="seconds a body may take (408)")
+    add("--request-timeout", type=positive(float), default=DEFAULT_REQUEST_TIMEOUT_S, help="seconds to answer (504)")
+    add("--fetch-timeout", type=positive(float), default=DEFAULT_FETCH_TIMEOUT_S, help="seconds a URL fetch may take")
+    add("--limit-concurrency", type=positive(int), default=DEFAULT_CONNECTIONS, help="open connections (503 above)")
+    add("--drain-timeout", type=positive(int), default=DEFAULT_DRAIN_S, help="seconds SIGTERM waits for requests")
+    add("--allow-urls", action="store_true", help='fetch {"urls": [...]} bodies (an SSRF risk)')
+    add("--threads", type=positive(int), default=None, help="the runtime's threads (default: the CPUs this may use)")
+    add("--prepare-threads", type=positive(int), default=2, help="threads that decode images and find faces")
+    add("--workers", type=positive(int), default=1, help="processes, each with its own model (memory x N)")
+    add("--cors-origin", action="append", default=[], help="an origin browsers may call from (repeat; default none)")
+    add("--yunet-path", default=None, help="a local YuNet .onnx (else the Hub cache, else Haar)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("max_body_mb", "max_pixels", "max_images", "max_queue"):
-        if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be positive.", file=sys.stderr)
-            return 2
-    from .runtime_light import ExportedPipeline
-
-    try:
-        analyzer = ExportedPipeline(args.model, args.backend, yunet_path=args.yunet_path, threads=args.threads)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    limits = Limits(
+def limits_of(args: argparse.Namespace) -> Limits:
+    return Limits(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_queue=args.max_queue,
         max_images=args.max_images,
+        max_faces=min(args.max_faces, args.max_faces_cap),
+        max_faces_cap=args.max_faces_cap,
+        max_detection_side=max(32, args.max_detection_side),
+        body_timeout_s=args.body_timeout,
+        request_timeout_s=args.request_timeout,
+        fetch_timeout_s=args.fetch_timeout,
         allow_urls=args.allow_urls,
         token=os.environ.get(TOKEN_VARIABLE) or None,
     )
+
+
+def app_of(args: argparse.Namespace):
+    """The served app for parsed arguments (loads, checks and warms the model)."""
+    from .runtime_light import ExportedPipeline
+    from .serve_app import build_app
+
+    analyzer = ExportedPipeline(args.model, args.backend, yunet_path=args.yunet_path, threads=args.threads)
+    return build_app(
+        analyzer,
+        limits_of(args),
+        max_batch=args.max_batch,
+        max_wait_ms=max(0.0, args.max_wait_ms),
+        prepare_threads=args.prepare_threads,
+        cors_origins=tuple(args.cors_origin),
+    )
+
+
+def app_from_environment():
+    """uvicorn's factory in each --workers process: the command line travels in SOFTBIO_SERVE_ARGS."""
+    from .serve_http import HeaderDeadline
+
+    args = build_parser().parse_args(json.loads(os.environ[ARGS_VARIABLE]))
+    HeaderDeadline.timeout_s = args.header_timeout
+    log_access()
+    return app_of(args)
+
+
+def log_access() -> None:
+    """One JSON line per request on stderr (logger softbio.access)."""
+    logger = logging.getLogger("softbio.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     import uvicorn
 
+    from .serve_http import HeaderDeadline, run_draining
+
+    HeaderDeadline.timeout_s = args.header_timeout
+    served = dict(
+        http=HeaderDeadline,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        limit_concurrency=args.limit_concurrency,
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
     print(f"softbio serving {args.model} ({args.backend}) at http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(build_app(analyzer, limits), host=args.host, port=args.port, log_level="warning")
+    if args.workers > 1:  # each worker loads its own model; uvicorn's supervisor shares the socket
+        os.environ[ARGS_VARIABLE] = json.dumps(argv)
+        uvicorn.run("softbio_hf.serve:app_from_environment", factory=True, workers=args.workers, **served)
+        return 0
+    log_access()
+    try:
+        app = app_of(args)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_draining(app, served)
     return 0
 
 

@@ -47,6 +47,9 @@ MAX_SIDE = 1280  # analysed frames are scaled to at most this many pixels a side
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # decoder threads: memory stays bounded on a many-core machine
 REID_GAP = 50  # analysed frames a track may be missing and still be re-joined by appearance alone
 REID_SIMILARITY = 0.85  # cosine similarity a face needs to re-join a track by appearance alone
+# A clip given by URL is fetched whole by the one bounded fetch (images.fetch_url) within this many seconds in all.
+VIDEO_DOWNLOAD_TIMEOUT_S = 60.0
+MAX_VIDEO_DOWNLOAD_BYTES = 512 * 1024 * 1024
 FULL_TRUST_SIDE = 96  # a face this many pixels wide or more counts fully in its track's answer
 
 
@@ -121,6 +124,8 @@ def _open(source: Any):
     in_memory = hasattr(source, "read")
     if not in_memory and not name.startswith(("http://", "https://")) and not Path(name).is_file():
         raise VideoInputError(f"{name}: no such file.")
+    if not in_memory and name.startswith(("http://", "https://")):
+        source, in_memory = _fetched(name), True  # FFmpeg's own http reader has no total deadline
     try:
         container = av.open(source if in_memory else name)
     except (av.FFmpegError, OSError, ValueError) as error:
@@ -132,6 +137,21 @@ def _open(source: Any):
         container.close()
         raise VideoInputError(f"{name} cannot be opened as a video: it holds no video stream.")
     return container
+
+
+def _fetched(url: str) -> BinaryIO:
+    """A clip's URL read into memory within VIDEO_DOWNLOAD_TIMEOUT_S in all, by the images' one bounded fetch."""
+    import io
+
+    from .images import ImageInputError, fetch_url
+
+    try:
+        data = fetch_url(url, VIDEO_DOWNLOAD_TIMEOUT_S, url, max_bytes=MAX_VIDEO_DOWNLOAD_BYTES)
+    except (ImageInputError, OSError) as error:
+        raise VideoInputError(str(error).replace("downscale it first", "cut it first")) from None
+    fetched = io.BytesIO(data)
+    fetched.name = url
+    return fetched
 
 
 def _announced(container, stream) -> tuple[float | None, int | None]:
