@@ -2,6 +2,7 @@
 
     python -m softbio_hf.export --model runs/lora/best --out runs/lora/best        # both formats, beside it
     python -m softbio_hf.export --model clip:openai/clip-vit-large-patch14-336 --format onnx --out softbio-zs
+    python -m softbio_hf.export --model runs/lora/best --out softbio-int8 --precision int8 --calibration data/rafdb
 
 The artifacts (onnx/model.onnx, openvino/openvino_model.xml + .bin) go into --out with manifest.json: everything
 the answer depends on (tasks, labels, age years, calibration record, image size and normalisation, detector
@@ -11,6 +12,9 @@ softbio_hf.serve). The input is `pixel_values`, float32 [batch, 3, S, S] normali
 with a dynamic batch axis (or a fixed one, --batch-size N); the outputs are `logits_<task>` in the config's task
 order. The export is written aside and put in place under a lock (softbio_hf.safe_files). Then
 `pipeline("soft-biometrics", model=OUT, backend="onnx")`, `--backend` of the batch command, or the server.
+int8 (opt-in, never the default) is ONNX Runtime's static quantization calibrated on faces from --calibration
+(softbio_hf.quantize); the manifest records the precision, and `python -m train.evaluate --backend onnx --model OUT`
+shows what it costs in accuracy.
 """
 
 from __future__ import annotations
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError("--batch-size must be at least 1 (or left out for a dynamic batch).")
         if reason := unwritable_reason(Path(args.out) / "manifest.json"):  # before the model loads (seconds)
             raise ExportError(f"--out {args.out} cannot be written: {reason}. Choose a folder you can write.")
+        if args.calibration_faces < 1:
+            raise ExportError("--calibration-faces must be at least 1.")
         if (args.precision == "int8") != (args.calibration is not None):
             raise ExportError("--precision int8 needs --calibration PATH (prepared data or photos), and only it does.")
         model = load_model(args.model)

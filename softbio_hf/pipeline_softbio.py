@@ -36,7 +36,7 @@ from .runtime_light import (  # noqa: F401 - CALL_OPTIONS and check_options are 
     faces_and_crops,
     int_box,
     normalize_array,
-    overlapped,
+    photo_answers,
     softmax,
     unknown_options_message,
 )
@@ -392,18 +392,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
             raise ValueError(f"batch_size={batch_size!r}: use a whole number of face crops >= 1.")
         config = self.model.config
         prepare = functools.partial(self.faces_of, **preprocess)
-        for faces, probs in overlapped(inputs, prepare, self.scores, batch_size):
-            yield [
-                face_result(
-                    face,
-                    {task: values[i] for task, values in probs.items()},
-                    config.tasks,
-                    config.age_years,
-                    top_k,
-                    config.calibration,
-                )
-                for i, face in enumerate(faces)
-            ]
+        card = {"age_years": config.age_years, "calibration": config.calibration}
+        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k)
 
     def postprocess(self, model_outputs, top_k: int | None = None):
         config = self.model.config

@@ -234,6 +234,31 @@ def overlapped(
         yield from score_waiting(waiting, score, batch_size, flush=True)
 
 
+def photo_answers(
+    items: Iterable[Any],
+    prepare: Callable[[Any], Prepared],
+    score: Callable[[np.ndarray], dict[str, np.ndarray]],
+    batch_size: int | None,
+    tasks: dict[str, list[str]],
+    card: dict[str, Any],
+    top_k: int | None,
+) -> Iterator[list[dict[str, Any]]]:
+    """`overlapped`'s faces and probabilities as each photo's answer (face_result per face); `card` holds the
+    model's age_years and calibration (a manifest, or a config's)."""
+    for faces, probs in overlapped(items, prepare, score, batch_size):
+        yield [
+            face_result(
+                face,
+                {task: values[i] for task, values in probs.items()},
+                tasks,
+                card.get("age_years"),
+                top_k,
+                card.get("calibration"),
+            )
+            for i, face in enumerate(faces)
+        ]
+
+
 def score_waiting(
     waiting: deque[list[Any]], score: Callable, batch_size: int | None, flush: bool
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
@@ -329,20 +354,10 @@ class ExportedPipeline:
     def stream(self, items: list, options: dict[str, Any], batch_size: int | None) -> Iterator[list[dict[str, Any]]]:
         """Each image's faces in order, through `overlapped`: the next images are decoded and their faces found
         while the current faces run through the model."""
-        calibration, age_years = self.manifest.get("calibration"), self.manifest.get("age_years")
         prepare = functools.partial(self.crops_of, options=options)
-        for faces, probs in overlapped(items, prepare, self.probabilities, batch_size):
-            yield [
-                face_result(
-                    face,
-                    {task: values[i] for task, values in probs.items()},
-                    self.tasks,
-                    age_years,
-                    options["top_k"],
-                    calibration,
-                )
-                for i, face in enumerate(faces)
-            ]
+        yield from photo_answers(
+            items, prepare, self.probabilities, batch_size, self.tasks, self.manifest, options["top_k"]
+        )
 
     def crops_of(self, image: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray | None]:
         """An image's faces (box and detection score, largest first) and their uint8 crops [F, 3, S, S]."""
