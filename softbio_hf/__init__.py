@@ -65,6 +65,7 @@ def register() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_softbio import PIPELINE_TASK, SoftBioConfig
+    from .export_folder import ExportFolderModel
     from .modeling_softbio import SoftBioModel
     from .pipeline_softbio import SoftBiometricsPipeline
 
@@ -74,8 +75,9 @@ def register() -> None:
     # loads with trust_remote_code=True and no softbio install.
     SoftBioConfig.register_for_auto_class()
     SoftBioModel.register_for_auto_class("AutoModel")
+    # AutoModel first; where it finds no weights, an export folder loads as its config (softbio_hf.export_folder)
     PIPELINE_REGISTRY.register_pipeline(
-        PIPELINE_TASK, pipeline_class=SoftBiometricsPipeline, pt_model=AutoModel, type="image"
+        PIPELINE_TASK, pipeline_class=SoftBiometricsPipeline, pt_model=(AutoModel, ExportFolderModel), type="image"
     )
 
 

@@ -2,6 +2,7 @@
 
     python -m softbio_hf.export --model runs/lora/best --out runs/lora/best        # both formats, beside it
     python -m softbio_hf.export --model clip:openai/clip-vit-large-patch14-336 --format onnx --out softbio-zs
+    python -m softbio_hf.export --model runs/lora/best --out softbio-int8 --precision int8 --calibration data/rafdb
 
 The artifacts (onnx/model.onnx, openvino/openvino_model.xml + .bin) go into --out with manifest.json: everything
 the answer depends on (tasks, labels, age years, calibration record, image size and normalisation, detector
@@ -11,6 +12,9 @@ softbio_hf.serve). The input is `pixel_values`, float32 [batch, 3, S, S] normali
 with a dynamic batch axis (or a fixed one, --batch-size N); the outputs are `logits_<task>` in the config's task
 order. The export is written aside and put in place under a lock (softbio_hf.safe_files). Then
 `pipeline("soft-biometrics", model=OUT, backend="onnx")`, `--backend` of the batch command, or the server.
+int8 (opt-in, never the default) is ONNX Runtime's static quantization calibrated on faces from --calibration
+(softbio_hf.quantize); the manifest records the precision, and `python -m train.evaluate --backend onnx --model OUT`
+shows what it costs in accuracy.
 """
 
 from __future__ import annotations
@@ -49,10 +53,16 @@ def tuple_outputs(model):
 
 
 def export(
-    model, out: str | Path, formats=FORMATS, batch_size: int | None = None, checkpoint: str | Path | None = None
+    model,
+    out: str | Path,
+    formats=FORMATS,
+    batch_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    calibration_faces=None,
 ) -> dict[str, Any]:
     """
-    Write the artifacts of `model` (a SoftBioModel with merged adapters) into `out`; returns the manifest.
+    Write the artifacts of `model` (a SoftBioModel with merged adapters) into `out`; returns the manifest. With
+    `calibration_faces` (uint8 face crops, softbio_hf.quantize.calibration_faces) the export is int8 (opt-in).
 
     Everything is written aside first and put in place under a lock: a folder of its own is swapped in whole; beside
     a checkpoint, the old manifest goes first, the formats are swapped in (formats not exported now are removed, so
@@ -76,7 +86,7 @@ def export(
             staging = staging_folder(out)
             staging.chmod(0o755)  # mkdtemp's 0700 would become the export folder's mode
             try:
-                manifest = write_export(model, staging, formats, batch_size, digest)
+                manifest = write_export(model, staging, formats, batch_size, digest, calibration_faces)
                 if beside:
                     install_beside(staging, out, manifest)
                 else:
@@ -159,9 +169,12 @@ def install_beside(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(out / MANIFEST, manifest)
 
 
-def write_export(model, folder: Path, formats, batch_size: int | None, weights_digest: str | None) -> dict[str, Any]:
+def write_export(
+    model, folder: Path, formats, batch_size: int | None, weights_digest: str | None, calibration_faces=None
+) -> dict[str, Any]:
     """The artifacts, and (for a folder of its own) the config and image processor, written into `folder`; returns
-    the manifest, with every artifact's digest."""
+    the manifest, with every artifact's digest. int8 (given calibration faces): the ONNX graph quantized, and the
+    OpenVINO model converted from it (softbio_hf.quantize)."""
     import torch
 
     from .modeling_softbio import image_processor_for
@@ -174,10 +187,19 @@ def write_export(model, folder: Path, formats, batch_size: int | None, weights_d
     wrapped = tuple_outputs(model)
     outputs = [f"logits_{task}" for task in model.config.tasks]
     versions = {"torch": torch.__version__}
-    if "onnx" in formats:
+    quantization = None
+    if calibration_faces is not None:  # int8: one quantized ONNX graph, which OpenVINO converts too
+        from .quantize import write_int8
+
         versions["onnx"] = write_onnx(wrapped, example, folder, outputs, batch_size)
-    if "openvino" in formats:
-        versions["openvino"] = write_openvino(wrapped, example, folder, outputs, batch_size)
+        quantization = write_int8(folder, formats, calibration_faces, model.config, batch_size)
+        if "openvino" in formats:
+            versions["openvino"] = __import__("openvino").__version__
+    else:
+        if "onnx" in formats:
+            versions["onnx"] = write_onnx(wrapped, example, folder, outputs, batch_size)
+        if "openvino" in formats:
+            versions["openvino"] = write_openvino(wrapped, example, folder, outputs, batch_size)
     config = model.config
     manifest = {
         "formats": sorted(formats),
@@ -193,6 +215,8 @@ def write_export(model, folder: Path, formats, batch_size: int | None, weights_d
         "detector": detector_defaults(),
         "opset": OPSET if "onnx" in formats else None,
         "batch": batch_size or "dynamic",
+        "precision": "int8" if quantization else "fp32",
+        "quantization": quantization,
         "versions": versions,
         "weights_digest": weights_digest,
         "digests": {name: file_digest(folder / name) for fmt in sorted(formats) for name in ARTIFACTS[fmt]},
@@ -259,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", nargs="+", default=list(FORMATS), choices=FORMATS, help="default: both")
     parser.add_argument("--batch-size", type=int, default=None, help="a fixed batch size (default: dynamic)")
     parser.add_argument("--merge", action="store_true", help="merge unmerged adapters before exporting")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "int8"),
+        help="int8: static post-training quantization (opt-in; needs --calibration). Default fp32",
+    )
+    parser.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="int8's calibration faces: a folder from python -m train.data prepare, or photos / folders of photos",
+    )
+    parser.add_argument("--calibration-faces", type=int, default=128, help="how many faces calibrate (default 128)")
     return parser
 
 
@@ -271,14 +309,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError("--batch-size must be at least 1 (or left out for a dynamic batch).")
         if reason := unwritable_reason(Path(args.out) / "manifest.json"):  # before the model loads (seconds)
             raise ExportError(f"--out {args.out} cannot be written: {reason}. Choose a folder you can write.")
+        if args.calibration_faces < 1:
+            raise ExportError("--calibration-faces must be at least 1.")
+        if (args.precision == "int8") != (args.calibration is not None):
+            raise ExportError("--precision int8 needs --calibration PATH (prepared data or photos), and only it does.")
         model = load_model(args.model)
         if args.merge:
             model.merge_adapters()
-        manifest = export(model, args.out, args.format, args.batch_size)
+        faces = None
+        if args.precision == "int8":
+            from .quantize import calibration_faces
+
+            faces = calibration_faces(args.calibration, model.config.image_size, args.calibration_faces)
+        manifest = export(model, args.out, args.format, args.batch_size, calibration_faces=faces)
     except (ExportError, ValueError, ImportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"exported {', '.join(manifest['formats'])} to {args.out} (tasks {manifest['tasks']})")
+    print(
+        f"exported {', '.join(manifest['formats'])} ({manifest['precision']}) to {args.out} (tasks {manifest['tasks']})"
+    )
     return 0
 
 

@@ -48,6 +48,7 @@ PIPELINE_FILES = (
     "images.py",
     "runtime_light.py",
     "conformal.py",
+    "export_folder.py",  # an export folder without weights, served by the pipeline
 )
 
 

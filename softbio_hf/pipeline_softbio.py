@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 from transformers.pipelines.base import ChunkPipeline
 
-from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
+from .export_folder import refuse_torch_backend
+from .faces import DETECTION_MAX_SIDE, make_detector
 from .images import (
     DEFAULT_TIMEOUT_S,
     MAX_IMAGE_PIXELS,
@@ -31,13 +33,16 @@ from .runtime_light import (  # noqa: F401 - CALL_OPTIONS and check_options are 
     check_options,
     face_array,
     face_result,
+    faces_and_crops,
     int_box,
     normalize_array,
+    photo_answers,
     softmax,
     unknown_options_message,
 )
 
 logger = logging.getLogger(__name__)
+MANY_ONLY = ("batch_size", "num_workers")  # the call options `many` takes itself
 
 
 def fast_bf16_available(device: torch.device) -> bool:
@@ -100,6 +105,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         super().__init__(*args, **kwargs)
         refuse_untrained_heads(self.model)
         self.exported = None if backend == "torch" else self.load_exported(backend, dtype)
+        if self.exported is None:
+            refuse_torch_backend(self.model, backend)  # an export folder without weights runs in its runtime
         if self.image_processor is None:  # the convention; crops go through face_pixels, equal to it (tested)
             self.image_processor = image_processor_for(self.model.config)
         target = resolve_dtype(dtype, self.device)
@@ -253,7 +260,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         """
         Check every input of a list before any model work (kind, existence, header, size: nothing is decoded), so
         one bad image is named up front; each image is decoded when its turn comes, so a long list streams. A
-        generator or a dataset streams too: each image is loaded (and checked) as it comes.
+        generator or a dataset streams too: each image is loaded (and checked) as it comes. Many photos go through
+        `many` (decoding and detection overlap the forward pass; faces batched across photos).
         """
         from .video import is_video
 
@@ -261,8 +269,9 @@ class SoftBiometricsPipeline(ChunkPipeline):
             return self.analyze_video(inputs, **kwargs)
         single = isinstance(inputs, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image, dict))
         if not single and not isinstance(inputs, (list, tuple)):
-            if hasattr(inputs, "__iter__"):
-                return super().__call__(inputs, **kwargs)
+            if hasattr(inputs, "__iter__"):  # a generator or dataset: answers stream as the photos come
+                self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in MANY_ONLY})  # named now
+                return self.many(inputs, **kwargs)
             raise ImageInputError(
                 f"{describe(inputs)} is not a supported input. Pass an image (file path, http(s) URL, PIL image, "
                 "numpy array or bytes), a list of them, or a generator or dataset of them."
@@ -276,8 +285,9 @@ class SoftBiometricsPipeline(ChunkPipeline):
             check_image(item, name=name, max_pixels=max_pixels)
         if not items:
             return []
-        results = super().__call__(items, **kwargs)
-        return results[0] if single else results
+        if single:  # one photo: transformers' own path (no thread to start), as fast as it was
+            return super().__call__(items, **kwargs)[0]
+        return list(self.many(items, **kwargs))
 
     def analyze_video(
         self,
@@ -306,9 +316,9 @@ class SoftBiometricsPipeline(ChunkPipeline):
             self._detectors[name] = make_detector(name, self.yunet_path)
         return self._detectors[name]
 
-    def preprocess(
+    def faces_of(
         self,
-        image: np.ndarray,
+        image: Any,
         detector: str = "auto",
         threshold: float | None = None,
         margin: float = DEFAULT_MARGIN,
@@ -317,39 +327,73 @@ class SoftBiometricsPipeline(ChunkPipeline):
         detection_max_side: int = DETECTION_MAX_SIDE,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_pixels: int = MAX_IMAGE_PIXELS,
-    ):
+    ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        """An image's faces (box and detection score, largest first) and their uint8 crops [F, 3, S, S]: the
+        torch-free runtime's detection and cropping (runtime_light.faces_and_crops)."""
         is_rgb = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         rgb = image if is_rgb else load_image(image, timeout=timeout, max_pixels=max_pixels)
         face_detector = self.detector(detector)
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[face_detector.name]
-        faces = detect_faces(
-            face_detector,
+        return faces_and_crops(
             rgb,
-            min_face_size=min_face_size,
-            score_threshold=threshold,
+            face_detector,
+            self.model.config.image_size,
+            threshold=threshold,
+            margin=margin,
             max_faces=max_faces,
-            max_side=detection_max_side,
+            min_face_size=min_face_size,
+            detection_max_side=detection_max_side,
         )
-        height, width = rgb.shape[:2]
-        size = self.model.config.image_size
+
+    def preprocess(self, image: np.ndarray, **options: Any):
+        faces, crops = self.faces_of(image, **options)
         if not faces:  # one placeholder chunk keeps the image in the stream; postprocess drops it
+            size = self.model.config.image_size
             yield {"pixel_values": torch.zeros(1, 3, size, size, dtype=torch.uint8), "face": None, "is_last": True}
             return
         for i, face in enumerate(faces):
-            pixel_values = face_pixels(crop_face(rgb, face, margin), size)
-            record = {"box": int_box(face.box, width, height), "detection_score": round(face.score, 4)}
-            yield {"pixel_values": pixel_values, "face": record, "is_last": i == len(faces) - 1}
+            yield {"pixel_values": torch.from_numpy(crops[i : i + 1]), "face": face, "is_last": i == len(faces) - 1}
 
     def _forward(self, model_inputs):
         logits, embedding = self.classify(model_inputs["pixel_values"], features=True)
-        if self.exported is not None:  # the torch-free runtime's softmax, as the server does it
-            outputs = {f"probs_{task}": torch.from_numpy(softmax(value.numpy())) for task, value in logits.items()}
-        else:
-            outputs = {f"probs_{task}": value.float().softmax(dim=-1) for task, value in logits.items()}
+        outputs = {f"probs_{task}": value for task, value in self.face_probabilities(logits).items()}
         if embedding is not None:  # a face's appearance: the video tracker's (postprocess leaves it out)
             outputs["embedding"] = embedding
         return {**outputs, "face": model_inputs["face"], "is_last": model_inputs["is_last"]}
+
+    def face_probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each task's probabilities from its logits: torch's softmax, or the torch-free runtime's for an export
+        (as the server computes them)."""
+        if self.exported is not None:
+            return {task: torch.from_numpy(softmax(value.numpy())) for task, value in logits.items()}
+        return {task: value.float().softmax(dim=-1) for task, value in logits.items()}
+
+    def scores(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-task probabilities (float32 numpy) of uint8 crops [F, 3, S, S], in one forward pass."""
+        with torch.inference_mode():
+            probs = self.face_probabilities(self.classify(torch.from_numpy(crops)))
+        return {task: value.float().cpu().numpy() for task, value in probs.items()}
+
+    def many(self, inputs, batch_size: int | None = None, num_workers: int | None = None, **kwargs):
+        """
+        Many photos (a list, a generator, a dataset) at the model's pace, for every backend: the next photos are
+        decoded and their faces found while the current faces are in the forward pass, and faces of consecutive
+        photos share passes of `batch_size` crops (default 1, as transformers' pipelines; 8 or more is faster).
+        Each photo's answer equals the one it gets alone (to the last digit with batch_size 1; a batch's float
+        sums may differ in the last bits). `num_workers` is accepted for transformers' signature: one thread
+        prepares photos (OpenCV's detectors are not shared between threads).
+        """
+        preprocess, _, postprocess = self._sanitize_parameters(**kwargs)
+        preprocess = {**self._preprocess_params, **preprocess}
+        top_k = {**self._postprocess_params, **postprocess}.get("top_k")
+        batch_size = batch_size or self._batch_size or 1
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size={batch_size!r}: use a whole number of face crops >= 1.")
+        config = self.model.config
+        prepare = functools.partial(self.faces_of, **preprocess)
+        card = {"age_years": config.age_years, "calibration": config.calibration}
+        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k)
 
     def postprocess(self, model_outputs, top_k: int | None = None):
         config = self.model.config

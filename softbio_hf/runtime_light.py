@@ -13,9 +13,11 @@ from the export's manifest (tasks, labels, age years, image size and normalisati
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,141 @@ def face_result(
     return record
 
 
+def faces_and_crops(
+    rgb: np.ndarray,
+    face_detector,
+    image_size: int,
+    *,
+    threshold: float,
+    margin: float,
+    max_faces: int | None,
+    min_face_size: float,
+    detection_max_side: int,
+) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """An RGB image's faces (box and detection score, largest first) and their uint8 crops [F, 3, S, S] (None when
+    it has none): detection and cropping, the same for the pipeline (any backend) and the torch-free runtime."""
+    found = detect_faces(
+        face_detector,
+        rgb,
+        min_face_size=min_face_size,
+        score_threshold=threshold,
+        max_faces=max_faces,
+        max_side=detection_max_side,
+    )
+    if not found:
+        return [], None
+    height, width = rgb.shape[:2]
+    faces = [{"box": int_box(face.box, width, height), "detection_score": round(face.score, 4)} for face in found]
+    return faces, np.concatenate([face_array(crop_face(rgb, face, margin), image_size) for face in found])
+
+
+Prepared = tuple[list[dict[str, Any]], "np.ndarray | None"]
+
+
+def overlapped(
+    items: Iterable[Any],
+    prepare: Callable[[Any], Prepared],
+    score: Callable[[np.ndarray], dict[str, np.ndarray]],
+    batch_size: int | None = None,
+    ahead: int = 2,
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
+    """
+    Many photos at the model's pace: each item's faces and their per-task probabilities, in the items' order.
+    `prepare(item)` (decoding, detection, cropping: faces and uint8 crops) runs in a second thread up to `ahead`
+    items in advance, while the current crops are in `score` (OpenCV, Pillow's decoders and the model's kernels
+    all let go of the GIL). Faces of consecutive items share forward passes of `batch_size` crops (None: each
+    item's faces in one pass of their own). An item's answer comes out once all its faces are scored. A generator
+    or dataset is read one item at a time, so a long stream costs no memory up front.
+    """
+    source = iter(items)
+    pending: deque[Future] = deque()
+    waiting: deque[list[Any]] = deque()  # [faces, crops, scored parts, crops scored so far] in the items' order
+
+    def submit(pool: ThreadPoolExecutor) -> None:
+        for item in source:
+            pending.append(pool.submit(prepare, item))
+            return
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softbio-prepare") as pool:
+        for _ in range(max(1, ahead)):
+            submit(pool)
+        while pending:
+            faces, crops = pending.popleft().result()
+            submit(pool)  # the next item is prepared while this one's faces run through the model
+            waiting.append([faces, crops, [], 0])
+            queued = sum(len(entry[0]) - entry[3] for entry in waiting)
+            if batch_size is None or queued >= batch_size or not pending:
+                yield from score_waiting(waiting, score, batch_size, flush=not pending)
+        yield from score_waiting(waiting, score, batch_size, flush=True)
+
+
+def photo_answers(
+    items: Iterable[Any],
+    prepare: Callable[[Any], Prepared],
+    score: Callable[[np.ndarray], dict[str, np.ndarray]],
+    batch_size: int | None,
+    tasks: dict[str, list[str]],
+    card: dict[str, Any],
+    top_k: int | None,
+) -> Iterator[list[dict[str, Any]]]:
+    """`overlapped`'s faces and probabilities as each photo's answer (face_result per face); `card` holds the
+    model's age_years and calibration (a manifest, or a config's)."""
+    for faces, probs in overlapped(items, prepare, score, batch_size):
+        yield face_records(faces, probs, tasks, card, top_k)
+
+
+def face_records(
+    faces: list[dict[str, Any]],
+    probs: dict[str, np.ndarray],
+    tasks: dict[str, list[str]],
+    card: dict[str, Any],
+    top_k: int | None,
+) -> list[dict[str, Any]]:
+    """Each face's answer (face_result) from its row of `probs`; `card` holds the model's age_years and
+    calibration (a manifest, or a config's)."""
+    return [
+        face_result(
+            face,
+            {task: values[i] for task, values in probs.items()},
+            tasks,
+            card.get("age_years"),
+            top_k,
+            card.get("calibration"),
+        )
+        for i, face in enumerate(faces)
+    ]
+
+
+def score_waiting(
+    waiting: deque[list[Any]], score: Callable, batch_size: int | None, flush: bool
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
+    """Forward passes over the waiting crops (full batches only unless `flush`), then every leading item whose
+    faces are all scored, with its probabilities."""
+    while True:
+        while waiting and len(waiting[0][0]) == waiting[0][3]:  # done (or no face): out, in order
+            faces, _, parts, _ = waiting.popleft()
+            yield faces, {task: np.concatenate([part[task] for part in parts]) for task in (parts[0] if parts else {})}
+        unscored = [(entry, entry[1][entry[3] :]) for entry in waiting if len(entry[0]) > entry[3]]
+        count = sum(len(crops) for _, crops in unscored)
+        if count == 0 or (batch_size is not None and count < batch_size and not flush):
+            return
+        if batch_size is None:  # each item's faces in a pass of their own
+            unscored = unscored[:1]
+        size = len(unscored[0][1]) if batch_size is None else min(batch_size, count)
+        batch, owners = [], []
+        for entry, crops in unscored:
+            take = crops[: size - sum(len(b) for b in batch)]
+            if len(take):
+                batch.append(take)
+                owners.append((entry, len(take)))
+        probs = score(np.concatenate(batch))
+        start = 0
+        for entry, taken in owners:
+            entry[2].append({task: values[start : start + taken] for task, values in probs.items()})
+            entry[3] += taken
+            start += taken
+
+
 class ExportedPipeline:
     """
     An export served without torch: `ExportedPipeline(folder_or_repo, backend)(image_or_list, **options)` answers
@@ -229,17 +366,12 @@ class ExportedPipeline:
         return filled
 
     def stream(self, items: list, options: dict[str, Any], batch_size: int | None) -> Iterator[list[dict[str, Any]]]:
-        """Each image's faces in order; the next image is decoded and its faces found in a second thread while the
-        current faces run through the model (both OpenCV and the runtimes let go of the GIL)."""
-        if not items:
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.crops_of, items[0], options)
-            for index in range(len(items)):
-                faces, crops = pending.result()
-                if index + 1 < len(items):
-                    pending = pool.submit(self.crops_of, items[index + 1], options)
-                yield self.answer(faces, crops, options["top_k"], batch_size)
+        """Each image's faces in order, through `overlapped`: the next images are decoded and their faces found
+        while the current faces run through the model."""
+        prepare = functools.partial(self.crops_of, options=options)
+        yield from photo_answers(
+            items, prepare, self.probabilities, batch_size, self.tasks, self.manifest, options["top_k"]
+        )
 
     def crops_of(self, image: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray | None]:
         """An image's faces (box and detection score, largest first) and their uint8 crops [F, 3, S, S]."""
@@ -248,24 +380,20 @@ class ExportedPipeline:
         threshold = options["threshold"]
         if threshold is None:
             threshold = self.defaults["thresholds"][face_detector.name]
-        found = detect_faces(
-            face_detector,
+        return faces_and_crops(
             rgb,
-            min_face_size=options["min_face_size"],
-            score_threshold=threshold,
+            face_detector,
+            int(self.manifest["image_size"]),
+            threshold=threshold,
+            margin=options["margin"],
             max_faces=options["max_faces"],
-            max_side=options["detection_max_side"],
+            min_face_size=options["min_face_size"],
+            detection_max_side=options["detection_max_side"],
         )
-        if not found:
-            return [], None
-        height, width = rgb.shape[:2]
-        size = int(self.manifest["image_size"])
-        faces = [{"box": int_box(face.box, width, height), "detection_score": round(face.score, 4)} for face in found]
-        crops = np.concatenate([face_array(crop_face(rgb, face, options["margin"]), size) for face in found])
-        return faces, crops
 
     def probabilities(self, crops: np.ndarray, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Per-task probabilities for uint8 crops [F, 3, S, S], `batch_size` crops per forward pass."""
+        """Per-task probabilities for uint8 crops [F, 3, S, S], `batch_size` crops per forward pass (all at once
+        by default)."""
         step = batch_size or len(crops)
         parts = []
         for start in range(0, len(crops), step):
@@ -275,25 +403,9 @@ class ExportedPipeline:
             parts.append({task: softmax(value) for task, value in self.model(pixels).items()})
         return {task: np.concatenate([part[task] for part in parts]) for task in self.tasks}
 
-    def answer(self, faces, crops, top_k: int | None, batch_size: int | None) -> list[dict[str, Any]]:
-        if not faces:
-            return []
-        return self.records(faces, self.probabilities(crops, batch_size), top_k)
-
     def records(self, faces: list[dict[str, Any]], probs: dict[str, np.ndarray], top_k: int | None) -> list[dict]:
-        """Each face's record from its rows of `probs` (the server's batches come back this way too)."""
-        age_years = self.manifest.get("age_years")
-        return [
-            face_result(
-                face,
-                {task: values[i] for task, values in probs.items()},
-                self.tasks,
-                age_years,
-                top_k,
-                self.manifest.get("calibration"),
-            )
-            for i, face in enumerate(faces)
-        ]
+        """Each face's record from its rows of `probs` (the server's cross-request batches come back this way)."""
+        return face_records(faces, probs, self.tasks, self.manifest, top_k)
 
     def describe(self) -> dict[str, Any]:
         """What the model answers and how it was made (the server's GET /v1/model)."""

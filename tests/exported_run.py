@@ -1,4 +1,5 @@
-"""Run the pipeline on an exported backend in a process of its own, printing its answers as JSON.
+"""Run the pipeline on an exported backend in a process of its own, printing its answers as JSON:
+the list's, each photo's alone, and the list's with faces batched across photos.
 
     python tests/exported_run.py MODEL_DIR BACKEND PHOTO [PHOTO ...]
 
@@ -22,7 +23,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     pipe = pipeline("soft-biometrics", model=folder, dtype="float32", backend=backend)
     chosen = pipe.exported.backend if pipe.exported is not None else "torch"
-    print(json.dumps({"backend": chosen, "faces": pipe(photos, detector="haar")}))
+    answers = {
+        "faces": pipe(photos, detector="haar"),  # the list path: photos overlapped, one face per pass
+        "alone": [pipe(photo, detector="haar") for photo in photos],  # each photo by itself
+        "batched": pipe(photos, detector="haar", batch_size=8),  # faces of several photos share passes
+    }
+    print(json.dumps({"backend": chosen, **answers}))
 
 
 if __name__ == "__main__":

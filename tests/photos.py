@@ -46,3 +46,16 @@ def covers(box: dict, keypoints) -> bool:
     eye_distance = abs(keypoints[1][0] - keypoints[0][0])
     width = box["xmax"] - box["xmin"]
     return inside and 1.5 * eye_distance < width < 4.5 * eye_distance
+
+
+def assert_same_answers(got: list, expected: list, tolerance: float = 1e-4) -> None:
+    """Two runs' answers for the same photos: the same faces, boxes and labels, every score within `tolerance`
+    (a batch's float sums may differ from another batch's in the last bits, which can move a rounded digit)."""
+    assert [len(faces) for faces in got] == [len(faces) for faces in expected]
+    for faces_got, faces_expected in zip(got, expected, strict=True):
+        for a, b in zip(faces_got, faces_expected, strict=True):
+            assert a["box"] == b["box"] and a["detection_score"] == b["detection_score"]
+            for task in ("age", "gender", "emotion"):
+                assert a[task]["label"] == b[task]["label"]
+                for label, score in b[task]["scores"].items():
+                    assert abs(a[task]["scores"][label] - score) <= tolerance, (task, label)

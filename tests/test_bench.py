@@ -17,32 +17,44 @@ def test_flops_formula_matches_the_vit_l_336_anchor():
 
 
 def test_speed_bench_runs_on_a_tiny_backbone():
-    result = run(tiny=True, images=4, batch_size=3, device="cpu", photos=1)
+    result = run(tiny=True, images=4, batch_size=3, device="cpu", photos=1, many=4)
     settings = [row["setting"] for row in result["rows"]]
     assert [s.split(":")[0] for s in settings] == [
         "naive",
         "pipeline, naive",
         "ours",
+        "pipeline over 4 photos, ours",
         "ours compiled",
+        "pipeline over 4 photos, ours compiled",
         "pipeline, ours",
     ]
-    assert "batch 3" in settings[2] and "batch 3" in settings[3]
+    assert all("batch 3" in settings[i] for i in (2, 3, 4, 5))
+    assert result["wrong_limit"] == []  # no row beat the measured peak
     for row in result["rows"]:
         assert {"setting", "images_per_s", "share_of_limit", "ratio_vs_baseline", "peak_mem_gb"} <= set(row)
         # one limit for every row: the best dtype's peak over FLOPs per image
         assert row["share_of_limit"] == pytest.approx(row["images_per_s"] / result["limit_images_per_s"])
         baseline = next(r for r in result["rows"] if r["setting"] == row["baseline"])
         assert row["ratio_vs_baseline"] == pytest.approx(row["images_per_s"] / baseline["images_per_s"])
+    # the pipeline over many photos against the model-alone row of its backend; one photo against the naive one
     assert [row["baseline"] for row in result["rows"]] == [
         settings[0],
         settings[1],
         settings[0],
+        settings[2],
         settings[0],
+        settings[4],
         settings[1],
     ]
+    assert set(result["cpu_features"]) == {"avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
+    haar = next(row for row in result["latency"] if row["detector"] == "haar")
+    assert haar["p50_s"] > 0 and haar["detection_p50_s"] > 0 and haar["detection_share"] > 0  # no timing asserted
     best_peak = max(result["peak_gflop_per_s"].values()) * 1e9
     assert result["limit_images_per_s"] == pytest.approx(best_peak / (result["gflop_per_image"] * 1e9))
-    for row in result["rows"][2:4]:  # our model rows against the fp32 path on the same images: 3 tasks each
+    for row in (
+        result["rows"][2],
+        result["rows"][4],
+    ):  # our model rows against the fp32 path on the same images: 3 tasks each
         assert row["top_label_agreement"] * 12 == pytest.approx(round(row["top_label_agreement"] * 12))
         assert row["top_label_agreement"] >= 0.9 and 0 <= row["max_prob_diff"] < 0.05
     assert set(result["compile_seconds"]) == {"batch 3", "batch 1"}
@@ -234,7 +246,8 @@ def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows(
     import sys
 
     command = [sys.executable, "-m", "bench.speed", "--tiny", "--device", "cpu", "--images", "4", "--batch-size", "2"]
-    command += ["--photos", "1", "--no-compile", "--backends", "onnx", "openvino", "--json", str(tmp_path / "r.json")]
+    command += ["--photos", "1", "--no-compile", "--backends", "onnx", "openvino", "--int8", "--many", "3"]
+    command += ["--json", str(tmp_path / "r.json")]
     done = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "r.json").read_text())
@@ -244,5 +257,12 @@ def test_speed_bench_measures_the_exported_backends_against_the_same_naive_rows(
         assert model_row["top_label_agreement"] == 1.0 and model_row["max_prob_diff"] < 1e-4
         assert model_row["baseline"].startswith("naive") and model_row["share_of_limit"] > 0
         assert rows[f"pipeline, {backend}, fp32 (photo of one face, detection included)"]["images_per_s"] > 0
-        assert result["export_seconds"][backend] > 0
+        assert rows[f"pipeline over 3 photos, {backend}, fp32, batch 2"]["baseline"] == f"{backend}, fp32, batch 2"
+        assert result["export_seconds"][backend] > 0 and result["export_seconds"][f"{backend} int8"] > 0
+        int8 = rows[f"{backend}, int8, batch 2"]  # agreement with fp32 torch, share of the int8 limit
+        assert int8["limit"] == "int8" and 0 <= int8["top_label_agreement"] <= 1 and int8["max_prob_diff"] >= 0
+        assert int8["share_of_limit"] == pytest.approx(int8["images_per_s"] / result["int8_limit_images_per_s"])
+    assert {"torch float32", "openvino fp32", "openvino int8"} <= set(result["peak_gflop_per_s"])
+    assert result["int8_limit_images_per_s"] >= result["limit_images_per_s"]
+    assert any(row["pipeline"] == "onnx, fp32" for row in result["latency"])
     assert "AVX-512" in result["cpu"] and "CPU:" in done.stdout

@@ -243,6 +243,65 @@ def test_conformal_and_bootstrap_from_the_cli(prepared, tiny_model, tmp_path, ca
     assert "--conformal 1.5" in capsys.readouterr().err
 
 
+EXPORT_AND_EVALUATE = """
+import sys
+from softbio_hf.export import main as export
+from train.evaluate import main as evaluate
+model, root, *common = sys.argv[1:]
+assert export(["--model", model, "--format", "onnx", "--out", root + "/fp32"]) == 0
+int8 = ["--precision", "int8", "--calibration", common[1]]  # calibrated on the first --data folder's faces
+assert export(["--model", model, "--out", root + "/int8", *int8]) == 0
+for name, backend in (("fp32", "onnx"), ("int8", "onnx"), ("int8", "openvino")):
+    out = ["--out", f"{root}/eval-{name}-{backend}"]
+    assert evaluate(["--model", f"{root}/{name}", "--backend", backend, *common, *out]) == 0
+"""
+
+
+def numbers(tree, path=()) -> dict:
+    """Every number of a results.json part, by its path."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in numbers(value, (*path, key)).items()}
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {path: tree}
+    return {}
+
+
+def test_an_export_is_evaluated_on_the_same_data_and_tables_as_the_torch_model(prepared, tiny_model, tmp_path):
+    """train.evaluate --backend onnx|openvino: an fp32 export's tables are the torch model's (every number within
+    0.01 points; the accuracies equal), an int8 export's are reported with the same tables and its precision."""
+    import subprocess
+    import sys
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    common = ["--data", prepared["utkface"], prepared["rafdb"], "--split", "train", "--dtype", "float32"]
+    common += ["--bootstrap", "0"]
+    assert run_cli("--model", tmp_path / "model", *common, "--out", tmp_path / "eval-torch") == 0
+    command = [sys.executable, "-c", EXPORT_AND_EVALUATE, str(tmp_path / "model"), str(tmp_path), *common]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)  # runtimes: a process of their own
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = {
+        run: json.loads((tmp_path / f"eval-{run}" / "results.json").read_text())
+        for run in ("torch", "fp32-onnx", "int8-onnx", "int8-openvino")
+    }
+    torch_numbers = numbers({key: reports["torch"][key] for key in ("results", "summary", "calibration")})
+    fp32 = numbers({key: reports["fp32-onnx"][key] for key in ("results", "summary", "calibration")})
+    assert fp32.keys() == torch_numbers.keys()
+    for path, value in torch_numbers.items():
+        assert fp32[path] == pytest.approx(value, abs=0.01), path
+        if path[-1] in ("accuracy", "n"):
+            assert fp32[path] == value, path
+    assert reports["fp32-onnx"]["backend"] == {"name": "onnx", "precision": "fp32", "exact": True}
+    for run in ("int8-onnx", "int8-openvino"):
+        assert reports[run]["backend"]["precision"] == "int8"
+        assert numbers(reports[run]["results"]).keys() == numbers(reports["torch"]["results"]).keys()
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    from datasets import load_from_disk
+
+    faces = min(128, len(load_from_disk(prepared["utkface"])["train"]))  # --calibration's train split, up to 128
+    assert manifest["precision"] == "int8" and manifest["quantization"]["calibration_faces"] == faces
+    assert json.loads((tmp_path / "fp32" / "manifest.json").read_text())["precision"] == "fp32"
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_a_folder_that_is_not_prepared_names_the_command(tmp_path, tiny_clip_dir, capsys):
     (tmp_path / "raw").mkdir()

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from photos import assert_same_answers, tiled_faces
+from PIL import Image
 from tiny import TINY_VISION
 from transformers import pipeline
 
@@ -59,11 +61,16 @@ def test_the_export_writes_both_formats_and_says_what_it_holds(exported):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
-def test_the_pipeline_serves_the_same_json_from_each_backend(exported, backend):
+def test_the_pipeline_serves_the_same_json_from_each_backend(exported, backend, tmp_path):
     reference = pipeline("soft-biometrics", model=str(exported), dtype="float32")
-    served = served_by(exported, backend, ASTRONAUT, GRACE)
+    group = tmp_path / "four-faces.png"  # four faces: a batch of 8 takes faces of several photos
+    Image.fromarray(tiled_faces()).save(group)
+    photos = [ASTRONAUT, str(group), GRACE]
+    served = served_by(exported, backend, *photos)
     assert served["backend"] == backend
-    for expected, got in zip(reference([ASTRONAUT, GRACE], detector="haar"), served["faces"], strict=True):
+    assert served["faces"] == served["alone"]  # over a list, each photo gets exactly its answer alone
+    assert_same_answers(served["batched"], served["alone"])
+    for expected, got in zip(reference(photos, detector="haar"), served["faces"], strict=True):
         assert len(expected) == len(got) >= 1
         for face_expected, face_got in zip(expected, got, strict=True):
             assert face_got["box"] == face_expected["box"]
@@ -71,6 +78,25 @@ def test_the_pipeline_serves_the_same_json_from_each_backend(exported, backend):
                 assert face_got[task]["label"] == face_expected[task]["label"]
                 for label, p in face_expected[task]["scores"].items():
                     assert face_got[task]["scores"][label] == pytest.approx(p, abs=1e-4)
+
+
+def test_an_export_folder_without_weights_is_served_by_the_pipeline(exported, tmp_path):
+    """The export module's own flow: an export in a folder of its own (no model.safetensors) served by
+    pipeline("soft-biometrics", model=OUT, backend=...); torch cannot run it and says which backend does."""
+    import shutil
+
+    own = tmp_path / "softbio-onnx"
+    own.mkdir()
+    for name in ("manifest.json", "config.json"):
+        shutil.copy(exported / name, own / name)
+    for name in ("onnx", "openvino"):
+        shutil.copytree(exported / name, own / name)
+    reference = pipeline("soft-biometrics", model=str(exported), dtype="float32")
+    served = served_by(own, "onnx", ASTRONAUT, GRACE)
+    assert served["backend"] == "onnx"
+    assert_same_answers(served["faces"], reference([ASTRONAUT, GRACE], detector="haar"))
+    with pytest.raises(ValueError, match=r'no torch weights: backend="torch".*backend="onnx" or backend="openvino"'):
+        pipeline("soft-biometrics", model=str(own))
 
 
 def test_the_batch_command_takes_a_backend_and_gives_the_same_rows(exported, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from photos import (
     ASTRONAUT_KEYPOINTS,
     GRACE_HOPPER_KEYPOINTS,
+    assert_same_answers,
     astronaut,
     covers,
     grace_hopper,
@@ -110,6 +111,54 @@ def test_batch_size_does_not_change_results(pipe):
                 assert a[task]["label"] == b[task]["label"]
                 for label, score in a[task]["scores"].items():
                     assert score == pytest.approx(b[task]["scores"][label], abs=1e-3)
+
+
+def test_many_photos_give_each_photo_exactly_its_answer_alone(pipe):
+    """The list path (decoding and detection overlapped with the forward pass, faces batched across photos)
+    against each photo alone (transformers' path); exported backends: test_export's served JSON."""
+    images = [astronaut(), tiled_faces(), lfw_patch(150), grace_hopper(), tiled_faces()]  # 1, 4, 0, 1, 4 faces
+    alone = [pipe(image, detector="haar", top_k=2) for image in images]
+    assert pipe(images, detector="haar", top_k=2) == alone  # one face per pass: to the last digit
+    batched = pipe(images, detector="haar", top_k=2, batch_size=3)  # passes of 3 faces span photos
+    assert_same_answers(batched, alone)
+    streamed = pipe((image for image in images), detector="haar", top_k=2, batch_size=8)
+    assert not isinstance(streamed, list)  # a generator's answers stream
+    assert_same_answers(list(streamed), alone)
+
+
+def test_the_next_photos_are_prepared_during_the_forward_pass_and_faces_share_passes():
+    import threading
+
+    from softbio_hf.runtime_light import overlapped
+
+    prepared_during_pass, passes = [], []
+    in_pass = threading.Event()
+
+    def prepare(count: int):
+        prepared_during_pass.append(in_pass.is_set())
+        return [{"face": i} for i in range(count)], np.full((count, 1), count, dtype=np.uint8)
+
+    def score(crops: np.ndarray) -> dict:
+        in_pass.set()
+        passes.append(len(crops))
+        threading.Event().wait(0.05)  # the pass takes a while: the next photo is prepared meanwhile
+        in_pass.clear()
+        return {"task": crops.astype(np.float32)}
+
+    answers = list(overlapped([2, 0, 3, 1, 2], prepare, score, batch_size=3))
+    assert [len(faces) for faces, _ in answers] == [2, 0, 3, 1, 2]
+    assert [probs["task"].ravel().tolist() if faces else [] for faces, probs in answers] == [
+        [2, 2],
+        [],
+        [3, 3, 3],
+        [1],
+        [2, 2],
+    ]
+    assert passes == [3, 3, 2]  # full passes of 3 across photos, the rest at the end
+    assert any(prepared_during_pass)
+    passes.clear()
+    list(overlapped([2, 0, 3], prepare, score, batch_size=None))
+    assert passes == [2, 3]  # no batch size: each photo's faces in a pass of their own
 
 
 def test_the_compiled_pipeline_gives_the_plain_results_and_compiles_once(tiny_saved):

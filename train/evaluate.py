@@ -2,6 +2,7 @@
 
     python -m train.evaluate --model runs/lora/best --data data/utkface data/fairface data/rafdb --out runs/lora/eval
     python -m train.evaluate --model clip:openai/clip-vit-large-patch14-336 --data data/rafdb   # the ZS row
+    python -m train.evaluate --model runs/lora/best --backend openvino --data data/rafdb   # its export, as served
     python -m train.evaluate compare runs/zs/eval/results.json runs/lora/eval/results.json --baseline zs
 
 Running the model is here; the maths is train.metrics and the tables and plots train.report, which training's
@@ -134,6 +135,49 @@ def predict(
     )
 
 
+class ExportedForEvaluation:
+    """
+    An export (python -m softbio_hf.export, any precision) where predict() takes a torch model: the same loader,
+    rows and tables, the forward pass in its runtime (ONNX Runtime or OpenVINO), so what int8 or bf16 costs in
+    accuracy is seen before it serves. `exact` keeps OpenVINO in fp32 (its default is bf16 where the CPU has it).
+    """
+
+    training = False
+
+    def __init__(self, spec: str, backend: str, exact: bool):
+        import torch
+
+        from softbio_hf import SoftBioConfig
+        from softbio_hf.runtimes import ExportedModel, exported_folder
+
+        try:
+            self.runtime = ExportedModel(backend, exported_folder(spec, backend), exact=exact)
+            self.config = SoftBioConfig.from_pretrained(self.runtime.folder)
+        except (OSError, ValueError, ImportError) as error:
+            raise EvaluationError(f"--model {spec} --backend {backend}: {error}") from None
+        if self.runtime.tasks != list(self.config.tasks):
+            raise EvaluationError(
+                f"--model {spec}: the {backend} export's tasks {self.runtime.tasks} are not its config's "
+                f"{list(self.config.tasks)}; export it again (python -m softbio_hf.export)."
+            )
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.precision = self.runtime.manifest.get("precision", "fp32")
+
+    def __call__(self, pixel_values):
+        import torch
+
+        from softbio_hf.modeling_softbio import SoftBioOutput
+
+        logits = self.runtime(pixel_values.numpy())
+        return SoftBioOutput(logits={task: torch.from_numpy(value) for task, value in logits.items()})
+
+    def eval(self) -> ExportedForEvaluation:
+        return self
+
+    def train(self, mode: bool = True) -> ExportedForEvaluation:
+        return self
+
+
 # ------------------------------------------------------------------------------------------- results
 
 
@@ -257,9 +301,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     splits = open_splits(args.data, args.split, args.limit)  # every folder is checked before the model loads
     fitting = args.calibrate or args.conformal is not None
     calibration_splits = open_calibration_splits(args, splits) if fitting else {}
-    model = load_model(args.model, device=device, dtype=dtype)
-    evaluated_tasks(model.config)
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers}
+    if args.backend == "torch":
+        model = load_model(args.model, device=device, dtype=dtype)
+    else:
+        model = ExportedForEvaluation(args.model, args.backend, exact=dtype == torch.float32)
+        # no DataLoader worker is forked after a runtime has loaded (such forks were seen to crash)
+        options["num_workers"] = 0
+    evaluated_tasks(model.config)
     predictions = {name: predict(model, data, desc=name, **options) for name, data in splits.items()}
     fit_on = {
         name: predict(model, data, desc=f"{name} ({args.calibration_split})", **options)
@@ -281,6 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         conformal = {**conformal, "too_small": unfit}
         print(f"warning: --conformal {args.conformal}: {too_small_message(unfit, conformal)}", file=sys.stderr)
         print(f"warning: {SAVED_UNFIT}", file=sys.stderr)
+    if args.backend != "torch":  # which runtime and precision gave these numbers
+        report["backend"] = {"name": args.backend, "precision": model.precision, "exact": dtype == torch.float32}
     if temperatures or conformal:
         calibrated = load_model(args.model, device="cpu", dtype=torch.float32)  # full precision, not the eval dtype
         if temperatures:
@@ -425,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N rows per dataset")
     parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "openvino"),
+        help="evaluate --model's export (python -m softbio_hf.export; fp32 or int8) in this runtime, on the CPU",
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help="fit one temperature per task and save a calibrated copy in OUT/calibrated",
@@ -486,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
         if args.conformal is not None and not 0 < args.conformal < 1:
             raise EvaluationError(f"--conformal {args.conformal}: give a level between 0 and 1, e.g. 0.9.")
+        if args.backend != "torch" and (args.calibrate or args.conformal is not None):
+            raise EvaluationError(
+                f"--backend {args.backend} evaluates an export as it is: fit --calibrate / --conformal on the torch "
+                "model, then export the calibrated model (python -m softbio_hf.export --model OUT/calibrated)."
+            )
+        if args.backend != "torch" and args.device == "cuda":
+            raise EvaluationError(f"--backend {args.backend} runs on the CPU; use --backend torch on cuda.")
         if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
             raise EvaluationError(
                 f"--bootstrap {args.bootstrap}: give 0 (no intervals) to {MAX_BOOTSTRAP:,} replicates; each replicate "
