@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from softbio_hf.safe_files import folder_written_whole
+from softbio_hf.safe_files import folder_written_whole, unwritable_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "softbio_hf"
@@ -566,9 +566,7 @@ def push_model(
     """What `push` does; `train.train --push-to-hub` calls it at the end of a run."""
     model_dir = Path(model_dir)
     if dry_run_to is not None:
-        out = Path(dry_run_to)
-        if out.exists() and any(out.iterdir()):
-            raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
+        out = dry_run_folder(dry_run_to)
         with folder_written_whole(out) as staging:  # the whole folder or none: a failed stage leaves no half
             files = stage_model(model_dir, staging, repo_id, Path(results) if results else None, merge, export)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
@@ -586,11 +584,21 @@ def push_model(
         )
 
 
+def dry_run_folder(dry_run_to: str | Path) -> Path:
+    """--out of a dry run, checked before any staging: a new or empty folder we can write."""
+    out = Path(dry_run_to)
+    if out.exists() and not out.is_dir():
+        raise HubError(f"--out {out} is a file; the dry run writes a folder: give a new or empty folder.")
+    if (reason := unwritable_reason(out)) is not None:
+        raise HubError(f"--out {out} cannot be written: {reason}; give a new or empty folder elsewhere.")
+    if out.exists() and any(out.iterdir()):
+        raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
+    return out
+
+
 def push_space(repo_id: str, model_repo: str, *, private=False, token=None, dry_run_to=None) -> str:
     if dry_run_to is not None:
-        out = Path(dry_run_to)
-        if out.exists() and any(out.iterdir()):
-            raise HubError(f"--out {out} is not empty; give an empty or new folder for the dry run.")
+        out = dry_run_folder(dry_run_to)
         with folder_written_whole(out) as staging:
             files = stage_space(staging, model_repo, repo_id)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
