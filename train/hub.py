@@ -480,6 +480,29 @@ def onnx_usage(repo_id: str, config) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- upload
+def signed_in(token: str | None):
+    """The Hub client and the user the token signs in as, asked first: no staging or export before a missing
+    token, the offline switch or a dead network is said."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    offline = "The Hub is off limits here (HF_HUB_OFFLINE=1): unset it to push, or use --dry-run --out DIR."
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(offline)
+    api = HfApi(token=token)
+    try:
+        return api, api.whoami()
+    except (LocalTokenNotFoundError, HfHubHTTPError) as error:
+        raise HubError(f"No valid Hugging Face token ({error}). {LOGIN_HINT}") from error
+    except OfflineModeIsEnabled as error:
+        raise HubError(offline) from error
+    except Exception as error:  # a dead network surfaces as the HTTP client's own error types, no OSError
+        raise HubError(
+            f"Could not reach the Hugging Face Hub ({type(error).__name__}: {error}); nothing was uploaded. Check the "
+            "network, or look first with --dry-run --out DIR."
+        ) from error
+
+
 def upload(
     folder: Path,
     repo_id: str,
@@ -490,26 +513,13 @@ def upload(
     create_pr: bool = False,
     token: str | None = None,
     message: str,
+    account=None,
 ) -> str:
-    """One commit holding the whole folder; the repo is created if needed, an existing one updated."""
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    """One commit holding the whole folder; the repo is created if needed, an existing one updated. `account` is
+    signed_in's answer when the caller checked the token before staging."""
+    from huggingface_hub import CommitOperationAdd
 
-    offline = "The Hub is off limits here (HF_HUB_OFFLINE=1): unset it to push, or use --dry-run --out DIR."
-    if constants.HF_HUB_OFFLINE:
-        raise HubError(offline)
-    api = HfApi(token=token)
-    try:
-        user = api.whoami()
-    except (LocalTokenNotFoundError, HfHubHTTPError) as error:
-        raise HubError(f"No valid Hugging Face token ({error}). {LOGIN_HINT}") from error
-    except OfflineModeIsEnabled as error:
-        raise HubError(offline) from error
-    except Exception as error:  # a dead network surfaces as the HTTP client's own error types, no OSError
-        raise HubError(
-            f"Could not reach the Hugging Face Hub ({type(error).__name__}: {error}); nothing was uploaded. Check the "
-            "network, or look first with --dry-run --out DIR."
-        ) from error
+    api, user = account or signed_in(token)
     try:
         api.create_repo(
             repo_id,
@@ -562,6 +572,7 @@ def push_model(
         with folder_written_whole(out) as staging:  # the whole folder or none: a failed stage leaves no half
             files = stage_model(model_dir, staging, repo_id, Path(results) if results else None, merge, export)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
+    account = signed_in(token)  # before the staging: an export takes long to be told the token is missing
     with tempfile.TemporaryDirectory(prefix="softbio-push-") as staging:
         stage_model(model_dir, Path(staging), repo_id, Path(results) if results else None, merge, export)
         return upload(
@@ -570,7 +581,7 @@ def push_model(
             private=private,
             revision=revision,
             create_pr=create_pr,
-            token=token,
+            account=account,
             message=f"Upload softbio model from {model_dir.name}",
         )
 
