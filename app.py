@@ -226,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default={"1": True, "0": False}.get(os.environ.get("SOFTBIO_COMPILE", "")),
         help="torch.compile the model at start-up, before serving (env SOFTBIO_COMPILE=1 or 0): each photo is then "
         "faster (6-18%% on a 2-core CPU in bench.speed's runs), for about 20 s more at every start. Default: "
-        "only where that pays, a model slower than 100 ms a face uncompiled (ViT-L/14@336, not a tiny model); "
+        "only where that pays, a model over a billion multiply-adds a face (ViT-L/14@336, not a tiny model); "
         "the log says what was decided",
     )
     parser.add_argument(

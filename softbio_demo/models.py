@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,48 +130,45 @@ def build_pipeline(model, backend: str = "torch"):
     return pipeline("soft-biometrics", model=model, dtype="auto", backend=backend)
 
 
-# torch.compile makes a forward pass 6-18% faster on a 2-core CPU (bench.speed) for about 20 s at every start (2 min
-# on a loaded machine, whatever the model's size). Below this much time per face uncompiled, the few milliseconds it
-# would save a visitor never repay that wait: a tiny model starts in seconds instead.
-COMPILE_PAYS_FROM_MS = 100.0
+# torch.compile makes a forward pass 6-18% faster on a 2-core CPU (bench.speed, ViT-L/14@336: about 175 billion
+# multiply-adds a face) for about 20 s at every start (2 min on a loaded machine, whatever the model's size). Below
+# this much work a face, the milliseconds it would save a visitor never repay that wait: a tiny model (a million
+# multiply-adds) starts in seconds instead. Judged by the model's size, not by a timed trial: a trial on a loaded
+# machine measures the load (a 32-pixel model took 0.7 s a face while the tests ran beside it).
+COMPILE_PAYS_FROM_GMACS = 1.0
 
 
-def eager_ms_per_face(pipe, trials: int = 3) -> float:
-    """The model's forward pass on one face crop, uncompiled: the best of a few warm runs, in milliseconds."""
-    import torch
-
-    size = pipe.model.config.image_size
-    crop = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-    with torch.inference_mode():
-        pipe.classify(crop)  # warm: first-call allocations are not the model's speed
-        best = float("inf")
-        for _ in range(trials):
-            start = time.perf_counter()
-            pipe.classify(crop)
-            best = min(best, time.perf_counter() - start)
-    return 1000 * best
+def giga_macs_per_face(model) -> float:
+    """The backbone's multiply-adds for one face crop, in billions: every token passes through every weight once
+    (attention's token-by-token products, a small share, left out)."""
+    vision = model.config.vision_config
+    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    tokens = (model.config.image_size // patch) ** 2 + 1
+    return sum(parameter.numel() for parameter in model.backbone.parameters()) * tokens / 1e9
 
 
 def compile_for_serving(pipe, wanted: bool | None = None) -> bool:
     """
     Compile once at start-up, so no visitor waits for it, where it pays: `wanted` True or False decides (--compile,
-    --no-compile); None measures one uncompiled pass and compiles only a model slow enough to gain from it. Said
-    in the log either way. If it cannot compile (no C++ compiler, say), it serves uncompiled.
+    --no-compile); None compiles only a model large enough to gain from it (COMPILE_PAYS_FROM_GMACS). Said in the
+    log either way. If it cannot compile (no C++ compiler, say), it serves uncompiled.
     """
     if wanted is False:
         logger.info("not compiling the model (--no-compile)")
         return False
     if wanted is None:
-        took = eager_ms_per_face(pipe)
-        if took < COMPILE_PAYS_FROM_MS:
+        work = giga_macs_per_face(pipe.model)
+        if work < COMPILE_PAYS_FROM_GMACS:
             logger.info(
-                "not compiling the model: a face takes %.1f ms uncompiled, under the %.0f ms from which compiling "
+                "not compiling the model: a face is %.3g billion multiply-adds, under the %g from which compiling "
                 "(about 20 s at each start) pays; --compile compiles anyway",
-                took,
-                COMPILE_PAYS_FROM_MS,
+                work,
+                COMPILE_PAYS_FROM_GMACS,
             )
             return False
-        logger.info("compiling the model: a face takes %.0f ms uncompiled, so it pays (--no-compile skips it)", took)
+        logger.info(
+            "compiling the model: a face is %.0f billion multiply-adds, so it pays (--no-compile skips it)", work
+        )
     else:
         logger.info("compiling the model for this machine (--compile; once per start)")
     try:
