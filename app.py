@@ -308,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             show_error=False,
             app_kwargs={"middleware": [Middleware(RecordUploads, owners=owners)]},
             prevent_thread_lock=True,
+            quiet=True,  # its lines advise launch(share=True), not ours to give: the address is in ours below
         )
     except OSError as error:  # taken while the model loaded; gradio's own advice is to change launch(): not here
         return cannot_serve(args.host, args.port, error)
-    logger.info("ready in %.1f s since start-up", time.monotonic() - STARTED)
+    logger.info("ready at %s in %.1f s since start-up", demo.local_url, time.monotonic() - STARTED)
     demo.block_thread()
     return 0
 

@@ -52,12 +52,16 @@ def app(tmp_path_factory):
 
 
 def test_api_analyze_returns_the_astronaut_face(app):
+    deadline = time.monotonic() + 60  # the line follows the server's start by a moment
+    while "INFO ready at" not in app["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
     log = app["log"].read_text()
-    # a tiny model is not worth compiling (seconds at start-up for nothing): measured, decided, and said
+    # a tiny model is not worth compiling (seconds at start-up for nothing): judged, decided, and said
     assert "softbio.app INFO not compiling the model: a face is" in log and "compiled in" not in log
-    ready = [line for line in log.splitlines() if "INFO ready in" in line]
+    ready = [line for line in log.splitlines() if "INFO ready at" in line]
     print(f"tiny model's demo: {ready} (answered after {app['ready_s']:.1f} s, on this machine's load)")
-    assert len(ready) == 1
+    assert len(ready) == 1 and app["url"] in ready[0]
+    assert "share=True" not in log  # gradio's advice for a public link is not this demo's to give
     client = Client(app["url"], verbose=False)
     faces = client.predict(handle_file(str(REPO / "examples" / "astronaut.jpg")), "haar", 0, api_name="/analyze")
     assert len(faces) == 1
@@ -597,10 +601,13 @@ def test_a_long_4k_clip_costs_the_demo_under_300_mb(tmp_path):
 
 def next_result(page, start) -> str:
     """Call `start` (it sets an analysis going), wait for the result's picture to change, return its text."""
-    before = page.get_attribute("#sb-result img", "src")
+    shown = page.locator("#sb-result img")
+    before = shown.first.get_attribute("src") if shown.count() else None  # none after a failure cleared it
     start()
     page.wait_for_function(
-        "src => document.querySelector('#sb-result img').getAttribute('src') !== src", arg=before, timeout=60_000
+        "src => { const img = document.querySelector('#sb-result img'); return img && img.src !== src; }",
+        arg=before,
+        timeout=60_000,
     )
     return page.inner_text("#sb-result")
 
