@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,30 @@ def test_an_unloadable_model_says_what_to_pass(prepared, tmp_path, capsys):
     args = ("--data", prepared["rafdb"], "--split", "train", "--out", tmp_path / "eval")
     assert run_cli("--model", tmp_path / "nothing-here", *args) == 2
     assert "clip:ID_OR_FOLDER" in capsys.readouterr().err
+
+
+def test_a_tiny_build_and_its_evaluation_print_no_warning_that_is_not_ours(prepared, tmp_path):
+    """The offline route as a newcomer runs it (`python -m softbio_hf.tiny`, then train.evaluate on it): no
+    library warning that says nothing to act on (the pipeline registered twice, among them)."""
+    import os
+    import subprocess
+    import sys
+
+    from noise import foreign_warnings
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def command(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    built = command("softbio_hf.tiny", "tiny")
+    assert foreign_warnings(built) == [] and "already registered" not in built, built[-3000:]
+    evaluated = command(
+        "train.evaluate", "--model", "tiny/softbio", "--data", prepared["utkface"], "--split", "train", "--out", "eval"
+    )
+    assert foreign_warnings(evaluated) == [], evaluated[-3000:]
