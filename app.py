@@ -11,7 +11,9 @@ cache, upload ownership, the analyses and their rendering) are the package softb
 import argparse
 import logging
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from softbio_demo.analysis import (
@@ -22,9 +24,17 @@ from softbio_demo.analysis import (
     analyze_bytes,
     analyze_clip,
     analyze_live_frame,
+    detector_that_ran,
 )
-from softbio_demo.models import DEFAULT_CLIP, ModelUnavailable, build_pipeline, compile_for_serving, load_model
-from softbio_demo.render import CSS, annotate, result_html
+from softbio_demo.models import (
+    DEFAULT_CLIP,
+    ModelUnavailable,
+    build_pipeline,
+    compile_for_serving,
+    describe_model,
+    load_model,
+)
+from softbio_demo.render import CSS, annotate, badge_html, result_html
 from softbio_demo.uploads import (
     API_NAME,
     CACHE_SWEEP,
@@ -37,6 +47,8 @@ from softbio_demo.uploads import (
     upload_path,
 )
 
+# the start-up the log reports, from here (the imports above are light) until the page answers
+STARTED = time.monotonic()
 logger = logging.getLogger("softbio.app")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DETECTOR_CHOICES = ["auto", "yunet", "haar", "none"]
@@ -83,7 +95,7 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
     def analyze_upload(payload, detector, threshold, request: gr.Request):
         data, name = read_upload(upload_path(payload), requester_of(request), owners)
         rgb, faces = analyze_bytes(pipe, data, name, detector, threshold)
-        return result_html(annotate(rgb, faces), faces, set_level), faces
+        return result_html(annotate(rgb, faces), faces, set_level, detector_that_ran(pipe, detector)), faces
 
     def analyze_clip_upload(payload, detector, threshold, request: gr.Request):
         video = payload.get("video") if isinstance(payload, dict) and "video" in payload else payload
@@ -109,8 +121,10 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
     with gr.Blocks(title="softbio: age, gender and emotion from one CLIP pass", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown(
             "# softbio\nAge group, gender and emotion of every face in a photo, from one forward pass of a CLIP "
-            f"vision model.\n\n**Model in use:** `{model_name}`"
+            "vision model."
         )
+        kind = describe_model(pipe.model, model_name)
+        gr.HTML(badge_html(kind.kind, kind.headline, kind.detail, model_name), elem_id="sb-model")
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Tab("Photo"):
@@ -149,20 +163,12 @@ def build_demo(pipe, model_name: str, owners: UploadOwners):
         with gr.Accordion("How it works, limits and biases", open=False):
             gr.Markdown(ABOUT)
 
-        run_clip.click(
-            analyze_clip_upload,
-            [clip, detector, threshold],
-            [result, as_json],
-            preprocess=False,
-            api_visibility="private",
-        )
-        run.click(
-            analyze_upload,
-            [photo, detector, threshold],
-            [result, as_json],
-            preprocess=False,
-            api_visibility="private",
-        )
+        for button, analysis, source in ((run_clip, analyze_clip_upload, clip), (run, analyze_upload, photo)):
+            button.click(
+                analysis, [source, detector, threshold], [result, as_json], preprocess=False, api_visibility="private"
+            ).failure(  # an error toast, and no earlier photo's result under it as if it were this one's
+                lambda: ("", None), None, [result, as_json], queue=False, api_visibility="private"
+            )
         webcam.clear(lambda: None, None, live_session, api_visibility="private")  # the stream stopped: forget it
         webcam.stream(
             analyze_frame,
@@ -220,10 +226,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("SOFTBIO_COMPILE", "1") != "0",
-        help="torch.compile the model at start-up, before serving (default on; env SOFTBIO_COMPILE=0 turns it "
-        "off): each photo is then faster (6-18%% on a 2-core CPU in bench.speed's runs), for about 20 s more at "
-        "every start with ViT-L/14@336",
+        default={"1": True, "0": False}.get(os.environ.get("SOFTBIO_COMPILE", "")),
+        help="torch.compile the model at start-up, before serving (env SOFTBIO_COMPILE=1 or 0): each photo is then "
+        "faster (6-18%% on a 2-core CPU in bench.speed's runs), for about 20 s more at every start. Default: "
+        "only where that pays, a model over a billion multiply-adds a face (ViT-L/14@336, not a tiny model); "
+        "the log says what was decided",
     )
     parser.add_argument(
         "--backend",
@@ -243,6 +250,26 @@ def missing_demo_package() -> str | None:
     return next((module for module in DEMO_MODULES if find_spec(module) is None), None)
 
 
+def port_in_use(host: str, port: int) -> OSError | None:
+    """Why (host, port) cannot be served on, found in a moment before the model loads; None when it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error
+    return None
+
+
+def cannot_serve(host: str, port: int, error: OSError) -> int:
+    print(
+        f"softbio: could not serve on {host}:{port} ({error.strerror or error}). Pass another port with --port, "
+        f"e.g. --port {port + 1}.",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = missing_demo_package()
@@ -253,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    busy = port_in_use(args.host, args.port)
+    if busy:  # said now, not after the model's load
+        return cannot_serve(args.host, args.port, busy)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         model, name = load_model(args.model)
@@ -267,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:  # no export, no runtime
         print(f"softbio: {error}", file=sys.stderr)
         return 2
-    if args.compile and pipe.exported is None:  # an exported model is compiled by its runtime
-        compile_for_serving(pipe)
+    if pipe.exported is None:  # an exported model is compiled by its runtime
+        compile_for_serving(pipe, args.compile)
     demo = build_demo(pipe, name, owners)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     try:
@@ -280,14 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             css=CSS,
             show_error=False,
             app_kwargs={"middleware": [Middleware(RecordUploads, owners=owners)]},
+            prevent_thread_lock=True,
+            quiet=True,  # its lines advise launch(share=True), not ours to give: the address is in ours below
         )
-    except OSError as error:  # gradio's own advice is to change launch(): here it is an option
-        print(
-            f"softbio: could not serve on {args.host}:{args.port} ({error}). Pass another port with --port, "
-            "e.g. --port 7861.",
-            file=sys.stderr,
-        )
-        return 2
+    except OSError as error:  # taken while the model loaded; gradio's own advice is to change launch(): not here
+        return cannot_serve(args.host, args.port, error)
+    logger.info("ready at %s in %.1f s since start-up", demo.local_url, time.monotonic() - STARTED)
+    demo.block_thread()
     return 0
 
 

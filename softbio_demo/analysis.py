@@ -9,9 +9,25 @@ from typing import Any
 
 import numpy as np
 
-from .render import TASK_TITLES, annotate, gif_data_url, image_data_url, live_html, tracks_html
+from .render import TASK_TITLES, annotate, detector_html, gif_data_url, image_data_url, live_html, tracks_html
 
 logger = logging.getLogger("softbio.app")
+
+
+def users_to_fix(error: Exception) -> str | None:
+    """The message of a failure the visitor can fix (their file, an option, a detector that cannot run here), or
+    None for the server's own failures, whose internals no visitor sees."""
+    from softbio_hf.faces import DetectorUnavailable
+
+    if isinstance(error, DetectorUnavailable):
+        return f"{error} Here: choose the face detector auto or haar."
+    return str(error) if isinstance(error, (ValueError, TypeError)) else None
+
+
+def detector_that_ran(pipe, detector: str | None) -> str:
+    """The face detector behind a result, as the page says it ("auto" names the one it chose)."""
+    asked = detector or "auto"
+    return detector_html(pipe.detector(asked).name, asked)
 
 
 def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshold: float | None = None):
@@ -19,20 +35,27 @@ def analyze_bytes(pipe, data: bytes, name: str, detector: str = "auto", threshol
     Decode and run the pipeline. A bad input becomes the product's own message on the page and in the API, and
     one line in the server log; anything else is logged there and the client sees no internals.
     """
-    import gradio as gr
 
     from softbio_hf import load_image
 
     try:
         rgb = load_image(data, name=name)
         return rgb, pipe(rgb, detector=detector, threshold=threshold or None)  # threshold 0: detector default
-    except (ValueError, TypeError) as error:  # the input or an option: the message names it and the fix
-        logger.warning("rejected %s: %s", name, error)
-        raise gr.Error(str(error), print_exception=False) from None
-    except Exception:
-        logger.exception("analysis of %s failed", name)
-        message = "The analysis failed on the server; it was logged. Try another photo."
-        raise gr.Error(message, print_exception=False) from None
+    except Exception as error:
+        raise failure(error, name, "photo") from None
+
+
+def failure(error: Exception, name: str, what: str, message: str | None = None):
+    """The gr.Error a failed analysis answers with: the reason where the visitor can fix it (`message`, else
+    users_to_fix's), one line in the log; else a plain apology, and the traceback in the log only."""
+    import gradio as gr
+
+    message = message or users_to_fix(error)
+    if message is None:
+        logger.error("analysis of %s failed", name, exc_info=error)
+        return gr.Error(f"The analysis failed on the server; it was logged. Try another {what}.", print_exception=False)
+    logger.warning("rejected %s: %s", name, error)  # the input or an option: the message names it and the fix
+    return gr.Error(message, print_exception=False)
 
 
 # The Video tab: a clip is analysed at VIDEO_FPS frames a second, at most VIDEO_MAX_FRAMES of them, and refused past
@@ -48,7 +71,6 @@ def analyze_clip(pipe, clip: str | bytes, name: str, detector: str = "auto", thr
     face labelled with its track's steady answer; the per-track table with each person's emotion timeline) and as
     JSON. The clip is decoded once, from memory: gradio's cache sweep may delete the upload meanwhile. Nothing is
     written to disk: the pictures are inline."""
-    import gradio as gr
 
     from softbio_hf.video import VideoInputError
 
@@ -71,14 +93,10 @@ def analyze_clip(pipe, clip: str | bytes, name: str, detector: str = "auto", thr
             source, detector=detector, threshold=threshold or None, on_frame=keep_thumbnail, **limits
         )
     except (VideoInputError, ValueError) as error:
-        logger.warning("rejected %s: %s", name, error)
         message = str(error) if isinstance(clip, bytes) else str(error).replace(clip, name)
-        raise gr.Error(message, print_exception=False) from None
-    except Exception:
-        logger.exception("analysis of %s failed", name)
-        raise gr.Error(
-            "The analysis failed on the server; it was logged. Try another clip.", print_exception=False
-        ) from None
+        raise failure(error, name, "clip", message) from None
+    except Exception as error:
+        raise failure(error, name, "clip") from None
     tracks = {track["track_id"]: track for track in result["tracks"]}
     images = []
     for number, entry in enumerate(result["frames"]):
@@ -88,7 +106,8 @@ def analyze_clip(pipe, clip: str | bytes, name: str, detector: str = "auto", thr
             for face in entry["faces"]
         ]
         images.append(annotate(np.asarray(picture), steady, [face["track_id"] for face in steady]))
-    html = tracks_html(gif_data_url(images, VIDEO_FPS), result["tracks"], decoding_note(result["decoding"], name))
+    note = decoding_note(result["decoding"], name)
+    html = tracks_html(gif_data_url(images, VIDEO_FPS), result["tracks"], note, detector_that_ran(pipe, detector))
     return html, result["tracks"]
 
 
@@ -144,7 +163,6 @@ class LiveSession:
 def analyze_live_frame(pipe, session: LiveSession | None, data: bytes, detector: str, threshold: float | None):
     """A webcam frame, tracked within its browser's session: the picture with each person's steady label, and the
     per-track table. Returns the HTML and the session (a new one when there was none, or the stream had paused)."""
-    import gradio as gr
 
     from softbio_hf import load_image
 
@@ -154,11 +172,10 @@ def analyze_live_frame(pipe, session: LiveSession | None, data: bytes, detector:
         rgb = load_image(data, name="webcam frame")
         preprocess, _, _ = pipe._sanitize_parameters(detector=detector, threshold=threshold or None)
         faces, tracks = session.analyse(rgb, preprocess)
-    except (ValueError, TypeError) as error:
-        logger.warning("rejected a webcam frame: %s", error)
-        raise gr.Error(str(error), print_exception=False) from None
+    except Exception as error:
+        raise failure(error, "a webcam frame", "frame") from None
     by_id = {track["track_id"]: track for track in tracks}
     steady = [steady_face(face, by_id[face["track_id"]]) for face in faces]
     picture = annotate(rgb, steady, [face["track_id"] for face in steady])
     live = [track for track in tracks if track["last_frame"] == session.faces.added - 1]  # in view now
-    return live_html(image_data_url(picture), live, len(tracks)), session
+    return live_html(image_data_url(picture), live, len(tracks), detector_that_ran(pipe, detector)), session

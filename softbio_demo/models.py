@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("softbio.app")
@@ -36,18 +37,24 @@ def zero_shot_cache_dir(clip: str, config_path: Path) -> Path:
 
 def checkpoint_config(name: str) -> Path | None:
     """config.json of a local folder or Hub repo: the cached copy first, the Hub only if it answers."""
+    return checkpoint_file(name, "config.json")
+
+
+def checkpoint_file(name: str, filename: str) -> Path | None:
+    """A file of a local folder or Hub repo (None where it has none): the cached copy first, the Hub only if it
+    answers."""
     from huggingface_hub import hf_hub_download
 
     from softbio_hf.hub_access import hub_reachable
 
-    path = Path(name) / "config.json"
+    path = Path(name) / filename
     if path.is_file():
         return path
     if Path(name).exists():
         return None
     try:
-        return Path(hf_hub_download(name, "config.json", local_files_only=not hub_reachable()))
-    except Exception:  # not cached and unreachable, or no such repo
+        return Path(hf_hub_download(name, filename, local_files_only=not hub_reachable()))
+    except Exception:  # not cached and unreachable, or no such repo or file
         return None
 
 
@@ -123,10 +130,115 @@ def build_pipeline(model, backend: str = "torch"):
     return pipeline("soft-biometrics", model=model, dtype="auto", backend=backend)
 
 
-def compile_for_serving(pipe) -> None:
-    """Compile once at start-up, so no visitor waits for it; if it cannot (no C++ compiler, say), serve plain."""
-    logger.info("compiling the model for this machine (once per start; --no-compile skips it)")
+# torch.compile makes a forward pass 6-18% faster on a 2-core CPU (bench.speed, ViT-L/14@336: about 175 billion
+# multiply-adds a face) for about 20 s at every start (2 min on a loaded machine, whatever the model's size). Below
+# this much work a face, the milliseconds it would save a visitor never repay that wait: a tiny model (a million
+# multiply-adds) starts in seconds instead. Judged by the model's size, not by a timed trial: a trial on a loaded
+# machine measures the load (a 32-pixel model took 0.7 s a face while the tests ran beside it).
+COMPILE_PAYS_FROM_GMACS = 1.0
+
+
+def giga_macs_per_face(model) -> float:
+    """The backbone's multiply-adds for one face crop, in billions: every token passes through every weight once
+    (attention's token-by-token products, a small share, left out)."""
+    vision = model.config.vision_config
+    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    tokens = (model.config.image_size // patch) ** 2 + 1
+    return sum(parameter.numel() for parameter in model.backbone.parameters()) * tokens / 1e9
+
+
+def compile_for_serving(pipe, wanted: bool | None = None) -> bool:
+    """
+    Compile once at start-up, so no visitor waits for it, where it pays: `wanted` True or False decides (--compile,
+    --no-compile); None compiles only a model large enough to gain from it (COMPILE_PAYS_FROM_GMACS). Said in the
+    log either way. If it cannot compile (no C++ compiler, say), it serves uncompiled.
+    """
+    if wanted is False:
+        logger.info("not compiling the model (--no-compile)")
+        return False
+    if wanted is None:
+        work = giga_macs_per_face(pipe.model)
+        if work < COMPILE_PAYS_FROM_GMACS:
+            logger.info(
+                "not compiling the model: a face is %.3g billion multiply-adds, under the %g from which compiling "
+                "(about 20 s at each start) pays; --compile compiles anyway",
+                work,
+                COMPILE_PAYS_FROM_GMACS,
+            )
+            return False
+        logger.info(
+            "compiling the model: a face is %.0f billion multiply-adds, so it pays (--no-compile skips it)", work
+        )
+    else:
+        logger.info("compiling the model for this machine (--compile; once per start)")
     try:
         logger.info("compiled in %.1f s", pipe.compile(batch_size=1))
+        return True
     except Exception as error:
         logger.warning("could not compile the model (%s: %s); serving it uncompiled", type(error).__name__, error)
+        return False
+
+
+# ------------------------------------------------------------------------------------------ what it is
+TRAINED_METHODS = {"lp": "linear probe", "ft": "fine-tuned", "lora": "LoRA", "dora": "DoRA", "loraplus": "LoRA+"}
+TRAINED_METHODS["mtlora"] = "MTLoRA"
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What the page says of the model in use: trained (by which method, with its evaluation), zero-shot, or random."""
+
+    kind: str  # "trained", "zero-shot" or "random"
+    headline: str
+    detail: str
+
+
+def describe_model(model, name: str) -> ModelKind:
+    """Trained, zero-shot or untrained random weights, from what the checkpoint records (config.adapter, written by
+    training; zero_shot_source, by SoftBioModel.from_clip; random_weights, by python -m softbio_hf.tiny)."""
+    config = model.config
+    method = (config.adapter or {}).get("method")
+    if getattr(config, "random_weights", False) or not (method or config.zero_shot_source):
+        return ModelKind(
+            "random",
+            "untrained random weights",
+            "Nothing trained these weights: the answers are meaningless (a model for trying the demo out).",
+        )
+    if method and method != "zs":
+        return ModelKind("trained", f"trained ({TRAINED_METHODS.get(method, method)})", evaluation_of(name))
+    return ModelKind(
+        "zero-shot",
+        "zero-shot",
+        f"Heads built from CLIP text prompts of {config.zero_shot_source}: no face data trained it.",
+    )
+
+
+def evaluation_of(name: str) -> str:
+    """The evaluation its model card states (eval/results.json beside it, else the card's model-index)."""
+    results = checkpoint_file(name, "eval/results.json")
+    try:
+        data = json.loads(results.read_text()) if results else {}
+        summary = data.get("summary") or {}
+    except (OSError, ValueError, AttributeError):
+        summary = {}
+    shown = [f"{task} {summary[task]:.1f}%" for task in ("age", "gender", "emotion", "overall") if task in summary]
+    if shown:
+        return f"Accuracy on its {data.get('split', 'test')} split (from its model card): {', '.join(shown)}."
+    card_results = card_evaluation(checkpoint_file(name, "README.md"))
+    if card_results:
+        return f"From its model card: {card_results}."
+    return "Not evaluated: its model card states no evaluation (python -m train.evaluate measures it)."
+
+
+def card_evaluation(card_path: Path | None, most: int = 4) -> str | None:
+    """The first results of a model card's model-index, as "metric on dataset: value"."""
+    if card_path is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        results = ModelCard.load(card_path).data.eval_results or []
+    except Exception:  # a card that does not parse states nothing we can show
+        return None
+    shown = [f"{r.metric_name or r.metric_type} on {r.dataset_name}: {r.metric_value}" for r in results[:most]]
+    return "; ".join(shown) or None

@@ -60,10 +60,10 @@ def gif_data_url(images: list, fps: float, max_side: int = 480) -> str:
     return "data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def tracks_html(gif: str, tracks: list[dict[str, Any]], note: str | None = None) -> str:
-    """A clip's result: the animation, a note when it stopped decoding early, the per-track table and each
-    person's emotion timeline."""
-    parts = [f'<img class="sb-photo" alt="the clip with each person\'s box and steady label" src="{gif}">']
+def tracks_html(gif: str, tracks: list[dict[str, Any]], note: str | None = None, detector: str = "") -> str:
+    """A clip's result: the animation, the detector that ran (detector_html), a note when it stopped decoding
+    early, the per-track table and each person's emotion timeline."""
+    parts = [f'<img class="sb-photo" alt="the clip with each person\'s box and steady label" src="{gif}">', detector]
     if note:
         parts.append(f'<p class="sb-note">{html.escape(note)}</p>')
     if not tracks:
@@ -93,7 +93,8 @@ def tracks_table(tracks: list[dict[str, Any]]) -> str:
             f"{track['last_time_s']:.2f} s</td><td>{track['frames']}</td>{cells}</tr>"
         )
     head = f"<tr><th>person</th><th>seen</th><th>frames</th>{header}</tr>"
-    return f'<table class="sb-tracks">{head}{"".join(rows)}</table>'
+    # in a box of its own that scrolls sideways: on a phone the table is wider than the page
+    return f'<div class="sb-scroll"><table class="sb-tracks">{head}{"".join(rows)}</table></div>'
 
 
 def timeline_html(track: dict[str, Any]) -> str:
@@ -108,9 +109,11 @@ def timeline_html(track: dict[str, Any]) -> str:
     )
 
 
-def live_html(picture: str, tracks: list[dict[str, Any]], seen: int) -> str:
-    """A webcam frame with each person's steady label, and the table of the people in view."""
-    parts = [f'<img class="sb-photo" alt="the webcam frame with each person\'s steady label" src="{picture}">']
+def live_html(picture: str, tracks: list[dict[str, Any]], seen: int, detector: str = "") -> str:
+    """A webcam frame with each person's steady label, the detector that ran (detector_html), and the table of the
+    people in view."""
+    alt = "the webcam frame with each person's steady label"
+    parts = [f'<img class="sb-photo" alt="{alt}" src="{picture}">', detector]
     if tracks:
         parts.append(tracks_table(tracks))
     else:
@@ -145,17 +148,52 @@ def bars_html(scores: dict[str, float]) -> str:
 
 def set_html(members: list[str], level: float | None) -> str:
     """A task's conformal set (softbio_hf.conformal): the labels that hold the true one at the fitted level."""
-    share = f"{100 * level:.0f}%" if level else "calibrated"
     names = " or ".join(html.escape(label) for label in members) if members else "none of the labels"
+    return f"<p class='sb-set'>{set_name(level)}: {names}</p>"
+
+
+def set_name(level: float | None) -> str:
+    return f"{100 * level:.0f}% set" if level else "calibrated set"
+
+
+def set_explanation(level: float | None) -> str:
+    """What a set means, in words on the page (a tooltip never shows on a touch screen)."""
+    share = f"{100 * level:.0f}% of the time" if level else "at the level it was calibrated for"
     return (
-        f"<p class='sb-set' title='Holds the true label {share} of the time on data like the calibration "
-        f"split (conformal prediction)'>{share} set: {names}</p>"
+        f"<p class='sb-set-help'>The <b>{set_name(level)}</b> lists the labels that hold the true one {share} on "
+        "data like the model's calibration split (conformal prediction): one label means the model is sure of it, "
+        "several mean it cannot tell them apart.</p>"
     )
 
 
-def result_html(annotated, faces: list[dict[str, Any]], set_level: float | None = None) -> str:
-    """The annotated photo and one card per face; `set_level` is the model's conformal level, if it holds one."""
-    parts = [f'<img class="sb-photo" alt="photo with face boxes" src="{image_data_url(annotated)}">']
+DETECTOR_NAMES = {"yunet": "OpenCV's YuNet", "haar": "OpenCV's Haar cascade", "none": "none (the photo is one face)"}
+
+
+def detector_html(ran: str | None, asked: str | None = None) -> str:
+    """Which face detector found the faces (with "auto", the one it chose)."""
+    if not ran:
+        return ""
+    chosen = ""
+    if asked == "auto":
+        chosen = " (chosen by auto: YuNet's model file is not available here)" if ran == "haar" else " (chosen by auto)"
+    return f"<p class='sb-detector'>Face detector: {DETECTOR_NAMES.get(ran, html.escape(ran))}{chosen}</p>"
+
+
+def badge_html(kind: str, headline: str, detail: str, name: str) -> str:
+    """The model in use, and whether it is trained, zero-shot or untrained random weights."""
+    return (
+        f"<div class='sb-model sb-model-{kind}'><span class='sb-badge'>{html.escape(headline)}</span> "
+        f"<b>Model in use:</b> <code>{html.escape(name)}</code><br><span class='sb-model-detail'>"
+        f"{html.escape(detail)}</span></div>"
+    )
+
+
+def result_html(annotated, faces: list[dict[str, Any]], set_level: float | None = None, detector: str = "") -> str:
+    """The annotated photo, the detector that found the faces (`detector`, as detector_html gives it) and one card
+    per face; `set_level` is the model's conformal level, if it holds one."""
+    parts = [f'<img class="sb-photo" alt="photo with face boxes" src="{image_data_url(annotated)}">', detector]
+    if any("set" in face.get(task, {}) for face in faces for task in TASK_TITLES):
+        parts.append(set_explanation(set_level))
     if not faces:
         parts.append(
             '<p class="sb-none">No face found. Try another detector, a lower threshold, or detector "none" '
@@ -186,6 +224,13 @@ CSS = """
 .sb-row {display: flex; align-items: center; gap: 8px; font-size: 0.9em;}
 .sb-label {width: 80px;}
 .sb-set {margin: 0 0 4px; font-size: 0.9em; color: #555;}
+.sb-set-help, .sb-detector, .sb-model-detail {font-size: 0.9em;}
+.sb-scroll {overflow-x: auto; max-width: 100%;}
+.sb-tracks {white-space: nowrap;}
+.sb-badge {display: inline-block; padding: 1px 8px; border-radius: 10px; color: white; background: #4363d8;}
+.sb-model-random .sb-badge {background: #b45309;}
+.sb-model-zero-shot .sb-badge {background: #6b7280;}
+.sb-model-trained .sb-badge {background: #15803d;}
 .sb-bar {flex: 1; background: #eee; border-radius: 4px; height: 10px; overflow: hidden;}
 .sb-bar span {display: block; height: 100%; background: #4363d8;}
 .sb-score {width: 52px; text-align: right;}

@@ -53,7 +53,15 @@ def read_upload(path: str | None, requester: str, owners: UploadOwners) -> tuple
         data = handle.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise gr.Error(f"The photo is over {MAX_UPLOAD}: downscale it first.", print_exception=False)
-    if not owners.owns(requester, file, data):
+    ownership = owners.ownership(requester, file, data)
+    if ownership == EXPIRED:  # theirs, but it waited longer than its record lives (a busy queue, say)
+        logger.warning("refused %s: its upload record expired (kept %.0f s)", file.name, owners.max_age_s)
+        message = (
+            f"Your upload expired before its turn came (uploads are kept about {owners.max_age_s:.0f} s, and the demo "
+            "is busy): upload the photo again."
+        )
+        raise gr.Error(message, print_exception=False)
+    if ownership != OWNED:
         logger.warning(
             "refused %s: uploaded by another requester (this one known by %s)", file.name, requester.split(":")[0]
         )
@@ -64,6 +72,7 @@ def read_upload(path: str | None, requester: str, owners: UploadOwners) -> tuple
 UPLOADER_COOKIE = "softbio_uploader"
 API_NAME = "analyze"  # gradio_client: api_name="/analyze"
 MAX_UPLOADS_PER_REQUESTER = 1000  # the records stay small whatever a client sends
+OWNED, EXPIRED, NOT_OWNED = "owned", "expired", "not owned"
 
 
 def requester_key(cookies: Mapping[str, str], host: str | None) -> str:
@@ -91,23 +100,32 @@ class UploadOwners:
     def record(self, requester: str, paths: Iterable[str]) -> None:
         now = time.monotonic()
         with self._lock:
-            uploads = {name: expiry for name, expiry in self._uploads.pop(requester, {}).items() if expiry >= now}
-            uploads.update({str(Path(path).resolve()): now + self.max_age_s for path in paths})
+            # Expired records stay (within the bounds below): a request that waited past its upload's expiry is
+            # told so, not that the file is someone else's.
+            uploads = self._uploads.pop(requester, {})
+            for path in paths:
+                name = str(Path(path).resolve())
+                uploads.pop(name, None)  # again: now the most recent
+                uploads[name] = now + self.max_age_s
             while len(uploads) > MAX_UPLOADS_PER_REQUESTER:  # oldest first: dicts keep insertion order
                 del uploads[next(iter(uploads))]
             self._uploads[requester] = uploads  # most recent last: the oldest requester is dropped first
             while len(self._uploads) > self.max_requesters:
                 self._uploads.popitem(last=False)
 
-    def owns(self, requester: str, path: Path, data: bytes) -> bool:
-        now = time.monotonic()
+    def ownership(self, requester: str, path: Path, data: bytes) -> str:
+        """OWNED (the requester's live upload, or a public example), EXPIRED (the requester's, recorded longer
+        ago than max_age_s) or NOT_OWNED."""
         with self._lock:
-            uploads = self._uploads.get(requester, {})
-            for name in [name for name, expiry in uploads.items() if expiry < now]:
-                del uploads[name]
-            if str(path.resolve()) in uploads:
-                return True
-        return hashlib.sha256(data).hexdigest() in self.example_digests
+            expiry = self._uploads.get(requester, {}).get(str(path.resolve()))
+        if (expiry is not None and expiry >= time.monotonic()) or hashlib.sha256(
+            data
+        ).hexdigest() in self.example_digests:
+            return OWNED
+        return NOT_OWNED if expiry is None else EXPIRED
+
+    def owns(self, requester: str, path: Path, data: bytes) -> bool:
+        return self.ownership(requester, path, data) == OWNED
 
 
 class RecordUploads:

@@ -75,6 +75,8 @@ def register() -> None:
     # loads with trust_remote_code=True and no softbio install.
     SoftBioConfig.register_for_auto_class()
     SoftBioModel.register_for_auto_class("AutoModel")
+    if (PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK) or {}).get("impl") is SoftBiometricsPipeline:
+        return  # ours already (the package registers when imported): again would only warn that it is
     # AutoModel first; where it finds no weights, an export folder loads as its config (softbio_hf.export_folder)
     PIPELINE_REGISTRY.register_pipeline(
         PIPELINE_TASK, pipeline_class=SoftBiometricsPipeline, pt_model=(AutoModel, ExportFolderModel), type="image"

@@ -20,6 +20,7 @@ shows what it costs in accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -238,7 +239,7 @@ def write_onnx(wrapped, example, folder: Path, outputs: list[str], batch_size: i
         raise ExportError('--format onnx needs onnx: pip install "softbio[onnx]".') from None
     (folder / "onnx").mkdir(exist_ok=True)
     dynamic = None if batch_size else {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
-    with torch.no_grad():
+    with torch.no_grad(), traced_quietly():
         torch.onnx.export(
             wrapped,
             (example,),
@@ -262,13 +263,33 @@ def write_openvino(wrapped, example, folder: Path, outputs: list[str], batch_siz
     except ImportError:
         raise ExportError('--format openvino needs openvino: pip install "softbio[openvino]".') from None
     size = example.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), traced_quietly():
         converted = openvino.convert_model(wrapped, example_input=example, input=[batch_size or -1, 3, size, size])
     for output, name in zip(converted.outputs, outputs, strict=True):
         output.get_tensor().set_names({name})
     (folder / "openvino").mkdir(exist_ok=True)
     openvino.save_model(converted, str(folder / ARTIFACTS["openvino"][0]), compress_to_fp16=False)
     return openvino.__version__
+
+
+@contextlib.contextmanager
+def traced_quietly():
+    """Both exports trace the model (TorchScript): the warnings that raises which do not apply to it, silenced here
+    only, each for its reason; any other warning still shows."""
+    import warnings
+
+    from torch.jit import TracerWarning
+
+    with warnings.catch_warnings():
+        # transformers' CLIP compares the input's size with the model's, and SDPA asks whether attention is causal:
+        # both are constants in a trace of the model's own image size and a vision model (never causal)
+        warnings.filterwarnings("ignore", category=TracerWarning, module=r"transformers\.")
+        # write_onnx asks for the TorchScript exporter (dynamo=False) on purpose: the graph the runtimes were
+        # measured with; being told it is the older exporter is nothing to act on
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        # the trace reads every attribute of every module, deprecated properties included; softbio uses none of them
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:

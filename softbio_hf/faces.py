@@ -156,6 +156,11 @@ def yunet_model_path(local_path: str | None = None, download_timeout_s: float = 
         return None
 
 
+class DetectorUnavailable(FileNotFoundError):
+    """The detector asked for cannot run here (YuNet's model file neither given, cached nor reachable): the caller
+    can fix it by choosing another detector, so its message is theirs to read."""
+
+
 def make_detector(detector: str = "auto", yunet_path: str | None = None):
     """Build a detector by name. 'auto' is YuNet when its file is available or downloadable, else Haar."""
     if detector not in DETECTORS:
@@ -167,7 +172,7 @@ def make_detector(detector: str = "auto", yunet_path: str | None = None):
     path = yunet_model_path(yunet_path)
     if detector == "yunet":
         if path is None:
-            raise FileNotFoundError(
+            raise DetectorUnavailable(
                 f"Could not get the YuNet model ({YUNET_REPO}/{YUNET_FILE}): no network and no cached copy. "
                 "Pass yunet_path=<local .onnx>, or use detector='haar'."
             )

@@ -229,6 +229,9 @@ class SoftBioModel(SoftBioPreTrainedModel):
                 f"supported: {SUPPORTED_BACKBONES}."
             )
         self.backbone = AutoModel.from_config(config.vision_config)
+        # The backbone computes no loss (ours is compute_loss): without this, reading its loss_function (a trace reads
+        # every attribute) falls back to a causal language model's loss and warns of it.
+        self.backbone.loss_function = None
         if config.adapter:  # a checkpoint rebuilds the layers its method added
             methods.install_adapter_layers(self, config.adapter)
         hidden = config.vision_config.hidden_size
@@ -238,6 +241,13 @@ class SoftBioModel(SoftBioPreTrainedModel):
         self.heads = nn.ModuleDict({task: self._new_head(task) for task in config.tasks})
         self.loss_weights = SoftBioLossWeights(config.tasks) if config.loss_weighting == "uncertainty" else None
         self.post_init()
+
+    @property
+    def loss_function(self):
+        """The multi-task loss (compute_loss). transformers' default, picked by the class's name, would be a causal
+        language model's (ForCausalLMLoss), wrong for a classifier, and warns of it wherever the property is read
+        (a trace reads every attribute)."""
+        return self.compute_loss
 
     # ----------------------------------------------------------------------------------------- inputs
     def get_input_embeddings(self) -> nn.Module:
@@ -250,6 +260,8 @@ class SoftBioModel(SoftBioPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}."
             )
+        if torch.jit.is_tracing():  # the export traces an example it made at this shape: a check would only warn
+            return
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size) or not len(pixel_values):
             raise ValueError(
                 f"pixel_values has shape {list(pixel_values.shape)}; expected {expected}. "
@@ -358,7 +370,7 @@ class SoftBioModel(SoftBioPreTrainedModel):
         task_labels, backbone_kwargs = self._split_keywords(kwargs)
         self._check_pixel_values(pixel_values)
         targets = self._collect_labels(
-            labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels}, len(pixel_values)
+            labels, {"age": age, "gender": gender, "emotion": emotion, **task_labels}, pixel_values.shape[0]
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         if output_hidden_states is None:

@@ -78,7 +78,10 @@ def make_tiny_models(out: Path, seed: int = 0) -> None:
     register()  # so save_pretrained ships the code beside the weights (`python -m` imports the package unregistered)
     with safe_files.folder_written_whole(out) as staging:
         make_tiny_clip(staging / "clip", seed=seed)
-        SoftBioModel.from_clip(staging / "clip").save_pretrained(staging / "softbio")
+        model = SoftBioModel.from_clip(staging / "clip")
+        model.config.zero_shot_source = str(out / "clip")  # where it will be, not the staging folder
+        model.config.random_weights = True  # record only: the demo's badge says so (its CLIP was never trained)
+        model.save_pretrained(staging / "softbio")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ def running_app(app_py: Path, model: Path, root: Path, env: dict[str, str] | Non
         **(env or {}),
     }
     log = root / "app.log"
+    started = time.monotonic()
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, str(app_py), "--model", str(model), "--port", str(port)],
@@ -70,7 +71,8 @@ def running_app(app_py: Path, model: Path, root: Path, env: dict[str, str] | Non
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(url, process, log)
-        yield {"url": url, "root": root, "temp": root / "gradio-tmp", "log": log}
+        ready_s = time.monotonic() - started  # the start-up a user waits for, whatever the machine's load
+        yield {"url": url, "root": root, "temp": root / "gradio-tmp", "log": log, "ready_s": ready_s}
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -381,3 +382,30 @@ def test_ctrl_c_during_the_bootstrap_is_a_message_not_a_traceback(prepared, tiny
     assert process.returncode == 130, seen + rest
     assert "interrupted: stopped before writing results.json" in rest and "Traceback" not in seen + rest
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_a_tiny_build_and_its_evaluation_print_no_warning_that_is_not_ours(prepared, tmp_path):
+    """The offline route as a newcomer runs it (`python -m softbio_hf.tiny`, then train.evaluate on it): no
+    library warning that says nothing to act on (the pipeline registered twice, among them)."""
+    import os
+    import subprocess
+    import sys
+
+    from noise import foreign_warnings
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def command(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    built = command("softbio_hf.tiny", "tiny")
+    assert foreign_warnings(built) == [] and "already registered" not in built, built[-3000:]
+    evaluated = command(
+        "train.evaluate", "--model", "tiny/softbio", "--data", prepared["utkface"], "--split", "train", "--out", "eval"
+    )
+    assert foreign_warnings(evaluated) == [], evaluated[-3000:]

@@ -239,13 +239,16 @@ def test_no_token_says_how_to_log_in(evaluated, monkeypatch, capsys, online):
 
     monkeypatch.setattr(HfApi, "whoami", no_token)
     monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("uploaded without a token"))
-    assert hub.main(["push", "--model", str(evaluated / "best"), "--repo-id", "me/x"]) == 2
+    # said before the staging, whose --export alone took 45 s to be told the token is missing
+    monkeypatch.setattr(hub, "stage_model", lambda *a, **k: pytest.fail("staged (and exported) before the token"))
+    assert hub.main(["push", "--model", str(evaluated / "best"), "--repo-id", "me/x", "--export"]) == 2
     error = capsys.readouterr().err
     assert "hf auth login" in error and "HF_TOKEN" in error and "Traceback" not in error
 
 
 def test_offline_is_a_clear_error_and_nothing_is_sent(evaluated, monkeypatch, capsys):
     monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("uploaded while offline"))
+    monkeypatch.setattr(hub, "stage_model", lambda *a, **k: pytest.fail("staged (and exported) while offline"))
     assert hub.main(["push", "--model", str(evaluated / "best"), "--repo-id", "me/x"]) == 2  # HF_HUB_OFFLINE=1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 

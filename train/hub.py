@@ -602,10 +602,11 @@ def push_space(repo_id: str, model_repo: str, *, private=False, token=None, dry_
         with folder_written_whole(out) as staging:
             files = stage_space(staging, model_repo, repo_id)
         return f"dry run: {len(files)} files in {out} (nothing uploaded)"
+    account = signed_in(token)  # before the staging, as for a model
     with tempfile.TemporaryDirectory(prefix="softbio-space-") as staging:
         stage_space(Path(staging), model_repo, repo_id)
         return upload(
-            Path(staging), repo_id, repo_type="space", private=private, token=token, message="Upload softbio demo"
+            Path(staging), repo_id, repo_type="space", private=private, account=account, message="Upload softbio demo"
         )
 
 
