@@ -9,6 +9,7 @@ time, so the command's --help and argument checks answer in a second.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ def optional_import(module: str, extra: str, needed_for: str):
         return require(module, extra, needed_for)
     except MissingExtra as error:
         raise PredictError(str(error)) from None
+
+
+def exit_code(stats: dict[str, Any], out: str) -> int:
+    """0, or 1 when every photo of the run failed (all missing, say): a script or scheduler must not take a table
+    of error rows for a finished job. Said on every process (the counts are the whole run's)."""
+    if stats["photos"] and stats["errors"] == stats["photos"]:
+        if "rows" in stats:
+            print(
+                f"error: none of the {stats['photos']} inputs could be read; the status column of {out} says why.",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import safe_files
 from .batch_inputs import Source, expand_inputs, is_video_source
-from .batch_rows import FaceRows, PredictError, check_model_spec, optional_import, rows_for
+from .batch_rows import FaceRows, PredictError, check_model_spec, exit_code, optional_import, rows_for
 from .safe_files import atomic_path, atomic_write
 
 VIDEO_COLUMNS = ["frame", "time_s", "track_id"]
@@ -595,19 +595,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats['errors']} unreadable; {stats['rows']} rows in {args.out} ({stats['seconds']} s)"
         )
     return exit_code(stats, args.out)
-
-
-def exit_code(stats: dict[str, Any], out: str) -> int:
-    """0, or 1 when every photo of the run failed (all missing, say): a script or scheduler must not take a table
-    of error rows for a finished job. Said on every process (the counts are the whole run's)."""
-    if stats["photos"] and stats["errors"] == stats["photos"]:
-        if "rows" in stats:
-            print(
-                f"error: none of the {stats['photos']} inputs could be read; the status column of {out} says why.",
-                file=sys.stderr,
-            )
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
