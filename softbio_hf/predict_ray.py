@@ -290,8 +290,10 @@ def run_pool(
             items = [{"index": s.index, "source": s.key, "ref": json.dumps(s.ref)} for s in pending]
             photos = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // photos_per_task)))
             # Reading waits on disks and networks: its tasks take no CPU of the pool's, or actors holding every CPU
-            # would leave none to read with (a deadlock on a small cluster).
-            read = photos.map_batches(read_photos, batch_size=photos_per_task, num_cpus=0)
+            # would leave none to read with (a deadlock on a small cluster); two readers per actor at most, since
+            # Ray would otherwise start a worker process for every zero-CPU task at once.
+            readers = ray.data.TaskPoolStrategy(size=2 * pool["actors"][1])
+            read = photos.map_batches(read_photos, batch_size=photos_per_task, num_cpus=0, compute=readers)
             rows = read.map_batches(
                 FaceTable,
                 fn_constructor_kwargs=options,

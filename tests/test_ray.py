@@ -145,11 +145,11 @@ def test_without_ray_the_option_names_the_extra_and_bad_pool_sizes_are_refused(m
     script = (
         "import contextlib, io, sys\n"
         "sys.modules['ray'] = None  # as where softbio[ray] is not installed\n"
-        "sys.argv = ['-m']\n"
+        "model, sys.argv = sys.argv[1], ['-m']  # as while Python locates `-m softbio_hf.predict`\n"
         "from softbio_hf.predict import main\n"
         "for extra in ([], ['--actors', '3,1'], ['--actors', 'two'], ['--tracks', 't.csv']):\n"
         "    with contextlib.redirect_stderr(io.StringIO()) as said:\n"
-        "        code = main(['photo.jpg', '--model', sys.argv[1], '--engine', 'ray', '--out', 'rows', *extra])\n"
+        "        code = main(['photo.jpg', '--model', model, '--engine', 'ray', '--out', 'rows', *extra])\n"
         "    print('exit', code, said.getvalue().strip())\n"
     )
     lines = run_isolated(tmp_path, script, str(model_dir), pythonpath=str(REPO)).splitlines()
