@@ -159,3 +159,18 @@ def test_without_ray_the_option_names_the_extra_and_bad_pool_sizes_are_refused(m
     assert lines[1] == lines[2].replace("two", "3,1") and "give N (at least 1) or MIN,MAX" in lines[1]
     assert lines[3].startswith("exit 2 error: --tracks is for clips, which the local engine analyses")
     assert not (tmp_path / "rows").exists()
+
+
+def test_a_ray_output_that_is_not_a_folder_of_parts_is_named_before_any_work(model_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("the user's")
+    argv = [str(REPO / "examples"), "--model", str(model_dir), "--engine", "ray"]
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; --engine ray writes a folder of Parquet files" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert "holds files that are not this command's; choose an empty or new folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "new"), "--model", str(tmp_path / "gone")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]  # nothing written, Ray not started
