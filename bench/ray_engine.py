@@ -50,7 +50,8 @@ def measure(work: Path, model: Path, photos: int) -> list[dict]:
     rows = [{"engine": "local command (1 decode worker)", "photos_per_s": photos / local, "ratio_vs_local": 1.0}]
     for actors in (1, 2):
         out = str(work / f"{model.name}-ray-{actors}")
-        seconds = timed(lambda out=out, n=actors: predict_ray(inputs, str(model), out, actors=(n, n), **options))
+        run = {"actors": (actors, actors), "photos_per_task": 4}  # several batches: every actor gets work
+        seconds = timed(lambda out=out, run=run: predict_ray(inputs, str(model), out, **run, **options))
         rows.append(
             {"engine": f"ray, {actors} actor(s)", "photos_per_s": photos / seconds, "ratio_vs_local": local / seconds}
         )

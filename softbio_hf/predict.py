@@ -3,6 +3,7 @@
     python -m softbio_hf.predict photos/ more.jpg urls.txt --model runs/lora/best --out faces.csv
     python -m softbio_hf.predict data/fairface --model you/softbio-lora --out faces.parquet --probabilities
     torchrun --nproc_per_node 4 -m softbio_hf.predict photos/ --model M --out faces.jsonl  # or accelerate launch
+    python -m softbio_hf.predict s3://bucket/photos/ --model M --engine ray --actors 2,8 --gpus-per-actor 1 --out s3://bucket/faces/
 
 INPUT is image files, folders (searched recursively for images), text files listing paths or URLs (one a
 line), or folders written by `datasets` (`save_to_disk`, e.g. by python -m train.data prepare). Each face gets
@@ -10,6 +11,8 @@ a row: source, face index, box, detection score, each task's label and score, ag
 --probabilities every class's probability). A photo without a face, or one that cannot be read, gets one row
 saying so; the run goes on. Rows are kept in OUT.parts/ (JSON Lines, one block per photo) while the run goes,
 so an interrupted run continues with --resume; at the end they are merged, in input order, into OUT.
+With --engine ray (softbio_hf/predict_ray.py, docs/scaling.md) the photos go through the same rows on a Ray
+actor pool, and OUT is a folder of Parquet files.
 """
 
 from __future__ import annotations
