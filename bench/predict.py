@@ -89,7 +89,8 @@ def run(tiny: bool, photos: int, batch_size: int, num_workers: int, device: str 
 
     from bench.speed import resolve_device
     from softbio_hf import SoftBioConfig, SoftBioModel
-    from softbio_hf.predict import load_pipeline, predict
+    from softbio_hf.batch_rows import load_pipeline
+    from softbio_hf.predict import predict
 
     device = str(resolve_device(device))  # --device cuda without one: a clear message, not a traceback
 

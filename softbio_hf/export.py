@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .predict import load_model
+    from .batch_rows import load_model
 
     try:
         if args.batch_size is not None and args.batch_size < 1:

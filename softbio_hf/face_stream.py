@@ -6,7 +6,7 @@ Kept apart from predict.py, the command, so that its --help and argument checks 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,13 +46,18 @@ class FaceStream(torch.utils.data.IterableDataset):
 
     def faces_of(self, source) -> dict[str, Any]:
         item: dict[str, Any] = {"index": source.index, "key": source.key}
-        try:
-            rgb = self.load(source)
-            chunks = list(self.pipe.preprocess(rgb, **self.options))
-        except (ValueError, OSError) as error:  # ImageInputError and the rest: a row says why, the run goes on
-            return {**item, "error": str(error)}
-        faces = [chunk for chunk in chunks if chunk["face"] is not None]
-        return {**item, "chunks": faces}
+        return photo_faces(self.pipe, item, lambda: self.load(source), self.options)
+
+
+def photo_faces(pipe, item: dict[str, Any], load: Callable[[], Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A photo's face crops, ready for the model (`chunks`), or the reason it has none (`error`): `load()` gives
+    its RGB array. Never raises on a bad image: the local command's workers and FaceRows (Ray) both use it."""
+    try:
+        rgb = load()
+        chunks = list(pipe.preprocess(rgb, **options))
+    except (ValueError, OSError) as error:  # ImageInputError and the rest: a row says why, the run goes on
+        return {**item, "error": str(error)}
+    return {**item, "chunks": [chunk for chunk in chunks if chunk["face"] is not None]}
 
 
 def worker_init(_worker_id: int) -> None:

@@ -3,6 +3,7 @@
     python -m softbio_hf.predict photos/ more.jpg urls.txt --model runs/lora/best --out faces.csv
     python -m softbio_hf.predict data/fairface --model you/softbio-lora --out faces.parquet --probabilities
     torchrun --nproc_per_node 4 -m softbio_hf.predict photos/ --model M --out faces.jsonl  # or accelerate launch
+    python -m softbio_hf.predict s3://bucket/photos/ --model M --engine ray --actors 2,8 --gpus-per-actor 1 --out s3://bucket/faces/
 
 INPUT is image files, folders (searched recursively for images), text files listing paths or URLs (one a
 line), or folders written by `datasets` (`save_to_disk`, e.g. by python -m train.data prepare). Each face gets
@@ -10,6 +11,8 @@ a row: source, face index, box, detection score, each task's label and score, ag
 --probabilities every class's probability). A photo without a face, or one that cannot be read, gets one row
 saying so; the run goes on. Rows are kept in OUT.parts/ (JSON Lines, one block per photo) while the run goes,
 so an interrupted run continues with --resume; at the end they are merged, in input order, into OUT.
+With --engine ray (softbio_hf/predict_ray.py, docs/scaling.md) the photos go through the same rows on a Ray
+actor pool, and OUT is a folder of Parquet files.
 """
 
 from __future__ import annotations
@@ -22,93 +25,19 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import safe_files
+from .batch_inputs import Source, expand_inputs, is_video_source
+from .batch_rows import FaceRows, PredictError, check_model_spec, exit_code, optional_import, rows_for
 from .safe_files import atomic_path, atomic_write
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"}  # softbio_hf.video's (kept light: no cv2 here)
 VIDEO_COLUMNS = ["frame", "time_s", "track_id"]
 FORMATS = (".csv", ".jsonl", ".parquet")
-STATUS_OK, STATUS_NO_FACE = "ok", "no face"
-
-
-class PredictError(ValueError):
-    """A user error (bad option, output exists, unknown format): reported without a traceback, exit code 2."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input image: `key` names it in the output; `ref` is what loads it."""
-
-    index: int
-    key: str
-    ref: Any  # a path or URL string, or (dataset folder, split, row)
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def is_saved_dataset(folder: Path) -> bool:
-    return (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file()
-
-
-def expand_inputs(inputs: Sequence[str], limit: int | None = None) -> list[Source]:
-    """Every image the inputs name, in a fixed order (the same on every process)."""
-    refs: list[tuple[str, Any]] = []
-    for item in inputs:
-        path = Path(item)
-        if item.startswith(("http://", "https://")):
-            refs.append((item, item))
-        elif path.is_dir() and is_saved_dataset(path):
-            refs.extend(dataset_refs(path))
-        elif path.is_dir():
-            wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
-            refs.extend((str(p), str(p)) for p in files)
-        elif path.suffix.lower() == ".txt" and path.is_file():
-            refs.extend(list_refs(path))
-        else:  # an image, or a name that is not there: its row will say so
-            refs.append((item, item))
-        if limit is not None and len(refs) >= limit:
-            break
-    refs = refs[:limit] if limit is not None else refs
-    return [Source(index, key, ref) for index, (key, ref) in enumerate(refs)]
-
-
-def list_refs(listing: Path) -> list[tuple[str, str]]:
-    """A text file of paths (relative ones against the list's folder) or URLs; blank lines and # comments skipped."""
-    refs = []
-    for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if entry.startswith(("http://", "https://")) or Path(entry).is_absolute():
-            refs.append((entry, entry))
-        else:
-            refs.append((entry, str(listing.parent / entry)))
-    return refs
-
-
-def dataset_refs(folder: Path) -> list[tuple[str, Any]]:
-    datasets = optional_import("datasets", "train", f"reading the datasets folder {folder}")
-    loaded = datasets.load_from_disk(str(folder))
-    splits = {"": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
-    refs = []
-    for split, part in splits.items():
-        if "image" not in part.column_names:
-            raise PredictError(f"{folder} holds a dataset without an 'image' column ({part.column_names}).")
-        name = f"{folder}:{split}" if split else str(folder)
-        refs.extend((f"{name}/{row}", (str(folder), split, row)) for row in range(len(part)))
-    return refs
 
 
 # -------------------------------------------------------------------------------------------- the work
-def is_video_source(source: Source) -> bool:
-    return isinstance(source.ref, str) and Path(source.ref.split("?")[0]).suffix.lower() in VIDEO_EXTENSIONS
-
-
 def video_rows(
     pipe, source: Source, options: dict[str, Any], tasks, probabilities: bool, on_frame=None, timeline=None
 ) -> tuple[list[dict], int]:
@@ -173,43 +102,6 @@ def track_columns(tasks: dict[str, list[str]]) -> list[str]:
     return [*names, "age_years"] if "age" in tasks else names
 
 
-def rows_for(item: dict[str, Any], records: list[dict[str, Any]], tasks, probabilities: bool) -> list[dict]:
-    """Output rows of one photo: one per face, or one that says why there is none."""
-    base = {"index": item["index"], "source": item["key"]}
-    if "error" in item:
-        return [{**base, "face": -1, "faces": 0, "status": f"error: {item['error']}"}]
-    if not records:
-        return [{**base, "face": -1, "faces": 0, "status": STATUS_NO_FACE}]
-    rows = []
-    for number, record in enumerate(records):
-        box = record["box"]
-        row = {**base, "face": number, "faces": len(records), "status": STATUS_OK, **box}
-        row["detection_score"] = record["detection_score"]
-        for task in tasks:
-            row[f"{task}_label"] = record[task]["label"]
-            row[f"{task}_score"] = record[task]["score"]
-            if "set" in record[task]:  # conformal set, labels joined by "|" (a model with thresholds only)
-                row[f"{task}_set"] = "|".join(record[task]["set"])
-            if probabilities:
-                row.update({f"{task}_prob_{label}": p for label, p in record[task]["scores"].items()})
-        if "years" in record.get("age", {}):
-            row["age_years"] = record["age"]["years"]
-        rows.append(row)
-    return rows
-
-
-def columns(tasks: dict[str, list[str]], probabilities: bool, sets: Sequence[str] = ()) -> list[str]:
-    """The table's columns; `sets`: the tasks the model holds conformal thresholds for (a `TASK_set` column)."""
-    names = ["index", "source", "face", "faces", "status", "xmin", "ymin", "xmax", "ymax", "detection_score"]
-    for task, labels in tasks.items():
-        names += [f"{task}_label", f"{task}_score"] + ([f"{task}_set"] if task in sets else [])
-        if probabilities:
-            names += [f"{task}_prob_{label}" for label in labels]
-    if "age" in tasks:
-        names.append("age_years")
-    return names
-
-
 # ---------------------------------------------------------------------------------------------- output
 def parts_folder(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
@@ -222,21 +114,48 @@ def block_text(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps({**row, "block": len(rows)}) + "\n" for row in rows)
 
 
+def json_rows(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """The JSON object rows among `lines` (blank ones skipped) and how many lines were not one (damaged)."""
+    rows, damaged = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(row, dict) and "index" in row and "source" in row:
+            rows.append(row)
+        else:
+            damaged += 1
+    return rows, damaged
+
+
+def complete_blocks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the photos whose block is whole: a photo with a row lost (torn or damaged) is done again."""
+    counts: dict[Any, int] = {}
+    for row in rows:
+        counts[row["index"]] = counts.get(row["index"], 0) + 1
+    # parts written before `block` lack it: a photo's rows are then its faces (or its one status row)
+    return [r for r in rows if counts[r["index"]] >= r.get("block", max(1, int(r.get("faces") or 0)))]
+
+
 def read_part(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """A part file's rows without an unfinished last line or photo (a crash mid-write), which `repair` also cuts
-    off the file, so that photo is done again."""
+    """A part file's whole photos: without an unfinished last line or photo (a crash mid-write), nor a damaged line
+    and its photo (a disk or copy that garbled it), which `repair` also cuts off the file, so those photos are done
+    again."""
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-    if rows:
-        last = rows[-1]
-        block = [r for r in rows if r["index"] == last["index"]]
-        if len(block) < last.get("block", max(1, last["faces"])):  # parts written before `block` lack it
-            rows = rows[: len(rows) - len(block)]
-            complete = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-    if repair and len(complete) != len(data):
+    rows, damaged = json_rows(complete.decode(errors="replace").splitlines())
+    whole = complete_blocks(rows)
+    if damaged:
+        print(f"{path}: {damaged} damaged line(s) skipped; their photos are analysed again.", file=sys.stderr)
+    if len(whole) != len(rows) or damaged:
+        complete = "".join(json.dumps(r) + "\n" for r in whole).encode()
+    if repair and complete != data:
         safe_files.atomic_write_bytes(path, complete)
-    return rows
+    return whole
 
 
 def output_format(out: Path) -> str:
@@ -246,17 +165,33 @@ def output_format(out: Path) -> str:
 
 
 def read_output(out: Path) -> list[dict[str, Any]]:
-    """Rows of a finished output file (for --resume after a finished run)."""
+    """Rows of a finished output file (for --resume after a finished run); a table that cannot be read back (cut
+    short, edited, not ours) is a PredictError naming it: its rows are never taken for done or dropped silently."""
+    damaged = f"--resume: {out} cannot be read back as this command's table"
+    fix = "restore it, or start again with --overwrite (it replaces the table)"
     if output_format(out) == ".jsonl":
-        return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        lines = out.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows, bad = json_rows(lines)
+        if bad:
+            raise PredictError(f"{damaged}: {bad} of its {len(lines)} lines are not JSON rows (cut short?); {fix}.")
+        return rows
     if output_format(out) == ".csv":
-        with out.open(newline="") as handle:
+        with out.open(newline="", encoding="utf-8", errors="replace") as handle:
             rows = list(csv.DictReader(handle))
-        for row in rows:
-            row.update({key: int(row[key]) for key in ("index", "face", "faces", "track_id") if row.get(key)})
+        try:
+            for row in rows:
+                row.update({key: int(row[key]) for key in ("index", "face", "faces", "track_id") if row.get(key)})
+        except (ValueError, TypeError) as error:
+            raise PredictError(f"{damaged} ({error}); {fix}.") from None
+        if rows and not {"index", "source"} <= set(rows[0]):
+            raise PredictError(f"{damaged}: it has no index and source columns; {fix}.")
         return rows
     parquet = optional_import("pyarrow.parquet", "train", "a .parquet table")
-    return parquet.read_table(out).to_pylist()
+    pyarrow = optional_import("pyarrow", "train", "a .parquet table")
+    try:
+        return parquet.read_table(out).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        raise PredictError(f"{damaged} ({error}); {fix}.") from None
 
 
 def write_output(out: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
@@ -365,63 +300,33 @@ def process_state(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
-def optional_import(module: str, extra: str, needed_for: str):
-    """A package of one of softbio's extras, or a PredictError that says how to install it."""
-    from .extras import MissingExtra, require
-
+def needs_torch(backend: str) -> None:
+    """The command decodes, finds faces and batches them with torch whichever runtime does the forward pass: on
+    an install without torch (the server's), say what to install, or how to serve the export without it."""
     try:
-        return require(module, extra, needed_for)
-    except MissingExtra as error:
-        raise PredictError(str(error)) from None
+        import torch  # noqa: F401
+    except ImportError:
+        extra = backend if backend in ("onnx", "openvino") else "train"
+        served = (
+            f" (or, without torch, serve the export: python -m softbio_hf.serve --model EXPORT_DIR --backend {backend})"
+            if backend in ("onnx", "openvino")
+            else ""
+        )
+        raise PredictError(
+            f"python -m softbio_hf.predict needs torch, also with --backend {backend}: it decodes, finds the faces "
+            f"and batches them with torch. Install softbio with it: pip install 'softbio[{extra}]'{served}."
+        ) from None
 
 
-def load_model(spec: str):
-    """
-    What a command's --model names: a softbio checkpoint (folder or Hub id, in fp32) or `clip:ID_OR_FOLDER`, the
-    zero-shot model built from that CLIP checkpoint. Raises a ValueError that says what to pass instead.
-    """
-    import torch
+def summed_over_processes(stats: dict[str, int]) -> dict[str, int]:
+    """Each count added up over the processes torchrun / accelerate launch started (each analysed its share)."""
+    import torch.distributed as dist
 
-    from . import SoftBioModel
-    from .checkpoint_files import CheckpointFileError
-
-    try:
-        if spec.startswith("clip:"):
-            return SoftBioModel.from_clip(spec.removeprefix("clip:"))
-        return SoftBioModel.from_pretrained(spec, dtype=torch.float32)
-    except CheckpointFileError as error:  # it names the file and the fix already
-        raise ValueError(f"--model {spec}: {error}") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"--model {spec} could not be loaded: {error}. Pass a folder written by save_pretrained or "
-            "`python -m train.train` (its best/ folder), a softbio Hub id, or clip:ID_OR_FOLDER for the "
-            "zero-shot model."
-        ) from error
-
-
-def load_pipeline(model: str, device: str | None, dtype: str, detector: str, backend: str = "torch"):
-    import torch
-    from transformers import pipeline
-
-    import softbio_hf
-
-    softbio_hf.register()  # the soft-biometrics task (`python -m softbio_hf.predict` defers it to here)
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda: this machine has no CUDA device; use --device cpu.")
-    try:
-        loaded = load_model(model)
-    except ValueError as error:
-        raise PredictError(str(error)) from error
-    try:
-        pipe = pipeline("soft-biometrics", model=loaded, dtype=dtype, device=device, backend=backend)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # an untrained head, no export, no runtime
-        raise PredictError(str(error)) from error
-    try:
-        pipe.detector(detector)  # built once here, so a bad name fails before any work
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        raise PredictError(f"--detector {detector}: {error}") from error
-    return pipe
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return stats
+    shares: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, stats)
+    return {key: sum(share[key] for share in shares if share) for key in stats}
 
 
 def predict(
@@ -449,6 +354,8 @@ def predict(
     out, tracks = Path(out), Path(tracks) if tracks is not None else None
     check_output(out, resume, overwrite)  # before the heavy imports: a wrong --out is said at once
     check_tracks(out, tracks, resume, overwrite)
+    check_model_spec(model)  # a folder that is not there is said now, not after the imports (or as a Hub id)
+    needs_torch(backend)
 
     state = process_state(device)
     # With --overwrite the old table stays until the new one replaces it (write_output renames over it), so a
@@ -459,20 +366,27 @@ def predict(
         import torch
         from tqdm.auto import tqdm
 
-        from .face_stream import Batcher, FaceStream, worker_init
+        from .face_stream import FaceStream, worker_init
 
         if overwrite and state.is_main_process:
             shutil.rmtree(parts_folder(out), ignore_errors=True)  # an unfinished older run's rows, not the table
         state.wait_for_everyone()
         sources = expand_inputs(inputs, limit)
-        pipe = load_pipeline(model, device or str(state.device), dtype, detector, backend)
-        if compile:
-            seconds = pipe.compile(batch_size)
-            if state.is_main_process:
-                print(f"compiled the model for batches of {batch_size} in {seconds:.1f} s", file=sys.stderr)
-        tasks = pipe.model.config.tasks
-        conformal = (pipe.model.config.calibration or {}).get("conformal") or {}
-        names = columns(tasks, probabilities, sets=list(conformal.get("thresholds", {})))
+        face_rows = FaceRows(
+            model,
+            backend=backend,
+            device=device or str(state.device),
+            dtype=dtype,
+            detector=detector,
+            probabilities=probabilities,
+            compile=compile,
+            batch_size=batch_size,
+        )
+        pipe, tasks, names = face_rows.pipe, face_rows.tasks, list(face_rows.names)
+        if compile and state.is_main_process:
+            print(
+                f"compiled the model for batches of {batch_size} in {face_rows.compile_seconds:.1f} s", file=sys.stderr
+            )
         if any(is_video_source(source) for source in sources):
             names += VIDEO_COLUMNS
         parts = parts_folder(out)
@@ -500,13 +414,13 @@ def predict(
                 worker_init_fn=worker_init if num_workers else None,
                 prefetch_factor=4 if num_workers else None,  # a bounded queue: memory stays flat
             )
-            batcher = Batcher(pipe, batch_size)
+            batcher = face_rows.batcher()
             bar = tqdm(total=len(mine), desc="photos", unit="photo", disable=not state.is_main_process)
             with (parts / f"part-{state.process_index:03d}.jsonl").open("a") as part:
 
                 def write(finished):
                     for item, records in finished:
-                        rows = rows_for(item, records, tasks, probabilities)
+                        rows = face_rows.rows(item, records)
                         part.write(block_text(rows))  # one block per photo
                         part.flush()
                         stats["photos"] += 1
@@ -546,6 +460,7 @@ def predict(
                     bar.update(1)
             bar.close()
         state.wait_for_everyone()
+        stats = summed_over_processes(stats)  # the summary speaks for the whole run, not the first process's share
         if state.is_main_process:
             rows = read_output(out) if resume and out.exists() else []
             if resume and tracks is not None and tracks.exists():
@@ -613,6 +528,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(time_s, frame, one probability column per emotion)",
     )
     parser.add_argument("--limit", type=int, default=None, help="analyse at most N photos")
+    parser.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local (default: this machine, or the processes torchrun starts) or ray: an actor pool on a Ray "
+        "cluster, --out a folder of Parquet files (pip install 'softbio[ray]'; docs/scaling.md)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="ray: the cluster (default: RAY_ADDRESS, else a cluster started on this machine)",
+    )
+    parser.add_argument("--actors", default="1", metavar="N|MIN,MAX", help="ray: model copies, fixed or autoscaled (1)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0, metavar="G", help="ray: GPUs each actor holds (0)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1, metavar="C", help="ray: CPUs each actor holds (1)")
+    parser.add_argument("--ray-batch", type=int, default=32, metavar="N", help="ray: photos per task (32)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: done photos are skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
@@ -625,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("--batch-size and --limit must be at least 1, --num-workers at least 0.")
         if args.compile and args.backend not in ("torch", "auto"):
             raise PredictError(f"--compile is torch's; the {args.backend} runtime compiles its model itself.")
+        if args.every is not None and args.every < 1:
+            raise PredictError(f"--every {args.every}: analyse one frame in N, N at least 1 (1: every frame).")
+        if args.engine == "ray":
+            from .predict_ray import main_ray
+
+            return main_ray(args)
         stats = predict(
             args.inputs,
             args.model,
@@ -662,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats['photos']} photos{clips} this run: {stats['faces']} faces, {stats['no_face']} without a face, "
             f"{stats['errors']} unreadable; {stats['rows']} rows in {args.out} ({stats['seconds']} s)"
         )
-    return 0
+    return exit_code(stats, args.out)
 
 
 if __name__ == "__main__":

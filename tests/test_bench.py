@@ -117,7 +117,7 @@ def test_cuda_without_a_gpu_says_so():
 @pytest.mark.parametrize(
     "module",
     ["train.data", "train.evaluate", "train.train", "train.hub", "bench.speed", "bench.parameters", "bench.predict",
-     "bench.train", "bench.layers", "bench.serve", "app"],
+     "bench.train", "bench.layers", "bench.serve", "bench.ray_engine", "app"],
 )  # fmt: skip
 def test_help_answers_without_heavy_imports(module):
     """--help parses before torch, transformers or datasets are imported (they take seconds)."""

@@ -206,7 +206,7 @@ def test_the_pipeline_returns_the_set_only_when_the_model_holds_thresholds(tiny_
 
 
 def test_the_batch_table_has_a_set_column_per_task_with_thresholds():
-    from softbio_hf.predict import columns, rows_for
+    from softbio_hf.batch_rows import columns, rows_for
 
     tasks = {"age": ["0-2", "3-9"], "gender": ["male", "female"]}
     names = columns(tasks, probabilities=False, sets=["gender"])

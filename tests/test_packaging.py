@@ -85,6 +85,7 @@ EXTRAS_ONLY = (
     "onnx",
     "onnxruntime",
     "openvino",
+    "ray",
 )
 WITHOUT_EXTRAS = """
 import runpy, sys

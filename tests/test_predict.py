@@ -172,7 +172,8 @@ def test_two_processes_give_the_same_rows_as_one(photos, model_dir, tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = [line for line in result.stdout.splitlines() if "photos this run" in line]
-    assert len(summary) == 1 and int(summary[0].split()[0]) < 17  # the main process did only its share
+    # one summary, for the whole run: both processes' photos (it said the main process's share alone)
+    assert len(summary) == 1 and summary[0].startswith("17 photos this run: 2 faces, 12 without a face, 3 unreadable")
     one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert [(r["source"], r["face"], r["status"]) for r in two] == [(r["source"], r["face"], r["status"]) for r in one]
@@ -306,3 +307,118 @@ def test_a_lists_relative_paths_start_at_its_folder_and_a_missing_one_shows_wher
         f"error: 'sub/missing.jpg' (read as {shelf / 'sub' / 'missing.jpg'}: a list's relative paths start at the "
         "list's folder): no such image file; check the path."
     )
+
+
+def test_a_run_whose_every_input_failed_exits_non_zero(model_dir, tmp_path, capsys):
+    argv = ["--model", str(model_dir), "--detector", "haar", "--num-workers", "0"]
+    missing = [str(tmp_path / "gone-1.jpg"), str(tmp_path / "gone-2.jpg")]
+    assert main([*missing, *argv, "--out", str(tmp_path / "none.csv")]) == 1  # it exited 0 with two error rows
+    assert "none of the 2 inputs could be read" in capsys.readouterr().err
+    assert len(rows_of(tmp_path / "none.csv")) == 2  # the rows still say why, photo by photo
+    assert main([*missing, str(REPO / "examples" / "grace_hopper.jpg"), *argv, "--out", str(tmp_path / "one.csv")]) == 0
+
+
+@pytest.mark.parametrize("every", ["0", "-3"])
+def test_every_below_one_is_refused_up_front(model_dir, tmp_path, capsys, every):
+    out = tmp_path / "faces.csv"
+    assert main([str(REPO / "examples"), "--model", str(model_dir), "--out", str(out), "--every", every]) == 2
+    assert f"--every {every}: analyse one frame in N, N at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_missing_or_unusable_model_folder_is_said_as_a_folder_before_torch_is_imported(tmp_path):
+    from remote import run_isolated
+
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "empty").mkdir()
+    script = (
+        "import contextlib, io, sys\n"
+        "models, sys.argv = sys.argv[1:], ['-m']  # as while Python locates `-m softbio_hf.predict`\n"
+        "from softbio_hf.predict import main\n"
+        "for model in models:\n"
+        "    with contextlib.redirect_stderr(io.StringIO()) as said:\n"
+        "        code = main(['photo.jpg', '--model', model, '--out', 'rows.csv'])\n"
+        "    print('exit', code, said.getvalue().strip())\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    said = run_isolated(tmp_path, script, "runs/lora/best", "pickled", "empty", pythonpath=str(REPO))
+    lines = said.splitlines()
+    assert lines[0].startswith("exit 2 error: --model runs/lora/best: no such folder (looked in "), said
+    assert lines[1].startswith("exit 2 error: --model pickled cannot be used: pickled holds pickled weights"), said
+    assert lines[2].startswith("exit 2 error: --model empty holds no config.json"), said
+    assert "Repo id" not in said and "torch imported: False" in said  # said at once, not after 30 s of imports
+    assert not list(tmp_path.glob("rows*"))
+
+
+def test_an_unmerged_lora_checkpoint_without_peft_is_said_without_a_traceback(model_dir, tmp_path, monkeypatch, capsys):
+    import softbio_hf.methods
+
+    torch.manual_seed(0)
+    SoftBioModel.from_pretrained(model_dir).apply_method("lora", rank=2).save_pretrained(tmp_path / "unmerged")
+    monkeypatch.setattr(softbio_hf.methods, "LoraConfig", None)  # what methods.py holds where peft is not installed
+    argv = [str(REPO / "examples" / "grace_hopper.jpg"), "--model", str(tmp_path / "unmerged")]
+    assert main([*argv, "--out", str(tmp_path / "faces.csv")]) == 2  # it raised the ImportError
+    error = capsys.readouterr().err
+    assert "unmerged 'lora' adapters needs peft: pip install 'softbio[train]'" in error and "Traceback" not in error
+
+
+def test_the_batch_command_without_torch_says_what_to_install(tmp_path):
+    from torch_free import run_torch_free
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    args = ["-m", "softbio_hf.predict", "x.jpg", "--model", "export", "--out", "rows.csv", "--backend", "onnx"]
+    result = run_torch_free(tmp_path, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "needs torch, also with --backend onnx" in result.stderr
+    assert "pip install 'softbio[onnx]'" in result.stderr and "python -m softbio_hf.serve" in result.stderr
+
+
+def test_resume_on_a_damaged_table_names_it_and_a_damaged_part_line_is_done_again(photos, model_dir, tmp_path, capsys):
+    table = tmp_path / "faces.jsonl"
+    run([photos / "real"], model_dir, table)
+    finished = table.read_text()
+    table.write_text(finished[: len(finished) // 2])  # cut short in a row, as a copy that stopped
+    with pytest.raises(ValueError, match=r"faces.jsonl cannot be read back .* --overwrite"):
+        run([photos / "real"], model_dir, table, resume=True)
+    assert main([str(photos / "real"), "--model", str(model_dir), "--out", str(table), "--resume"]) == 2
+
+    def stop(count):
+        if count == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run([photos / "real", photos / "broken"], model_dir, out, on_photo=stop)
+    part = next((tmp_path / "resumed.jsonl.parts").glob("*.jsonl"))
+    _first, *rest = part.read_text().splitlines(keepends=True)
+    part.write_text("\x00\x00garbled\n" + "".join(rest))  # the first photo's row, damaged in place
+    stats = run([photos / "real", photos / "broken"], model_dir, out, resume=True)
+    assert stats["photos"] == 5 - 1  # the damaged photo again, and the three left
+    assert "1 damaged line(s) skipped" in capsys.readouterr().err
+    run([photos / "real", photos / "broken"], model_dir, tmp_path / "straight.jsonl")
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
+def test_the_batch_callable_gives_the_local_commands_rows_for_encoded_images(photos, model_dir, tmp_path):
+    from softbio_hf.batch_rows import FaceRows
+
+    run([photos / "real", photos / "broken"], model_dir, tmp_path / "local.jsonl", probabilities=True)
+    local = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    files = sorted((photos / "real").iterdir()) + sorted((photos / "broken").iterdir())
+    face_rows = FaceRows(str(model_dir), detector="haar", dtype="float32", probabilities=True, batch_size=4)
+    batch = {"bytes": [f.read_bytes() for f in files], "source": [str(f) for f in files], "index": range(len(files))}
+    table = face_rows(batch)
+    rows = [dict(zip(table, values, strict=True)) for values in zip(*table.values(), strict=True)]
+    assert set(table) == set(local[0]) and len(rows) == len(local) == 5
+    for mine, theirs in zip(rows, local, strict=True):
+        assert mine["source"] == theirs["source"] and mine["face"] == theirs["face"]
+        if theirs["status"] == "ok":
+            assert mine == pytest.approx(theirs, abs=1e-6)
+        else:  # a file's rows name it by path, the bytes' by their source; both say why
+            assert mine["status"].startswith("error: ") and theirs["status"].startswith("error: ")
+    assert "not an image" in rows[[r["source"] for r in rows].index(str(photos / "broken" / "notes.jpg"))]["status"]
+    empty = face_rows({"bytes": [], "source": []})
+    assert empty == {name: [] for name in face_rows.names}

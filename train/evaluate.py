@@ -263,7 +263,7 @@ def dataset_name(data, path: Path, taken: set[str]) -> str:
 
 def load_model(spec: str, *, device: str, dtype):
     """A softbio checkpoint (folder or Hub id), or `clip:ID_OR_FOLDER`: the zero-shot model built by from_clip."""
-    from softbio_hf.predict import load_model as load_named_model  # the one reading of --model
+    from softbio_hf.batch_rows import load_model as load_named_model  # the one reading of --model
 
     try:
         model = load_named_model(spec)
