@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One intra-op thread per process (this one and every process a test starts, which inherit it), set before torch
+# is imported. The tests' models are tiny: a second thread only adds a hand-off per op, and where processes run at
+# once (app servers, torchrun, loader workers) or the machine is shared, each op then waits for a descheduled
+# thread. 20 training steps of the tiny model took 71-83 s with two threads and 28-43 s with one at a load of 20.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import TINY_VISION, make_tiny_clip

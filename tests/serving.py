@@ -21,7 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+# Only to catch an app that never answers: a start-up imports torch and gradio and compiles the model cold, which
+# takes minutes on a loaded 2-core machine; a process that dies is reported at once, whatever this bound.
+STARTUP_HANG_S = 900.0
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = STARTUP_HANG_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

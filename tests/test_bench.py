@@ -148,18 +148,19 @@ def test_predict_bench_compares_the_command_with_the_model_alone():
     assert ours["ratio_vs_baseline"] == pytest.approx(ours["images_per_s"] / processor["images_per_s"])
 
 
-def test_train_bench_times_the_real_step_per_method():
+def test_train_bench_times_the_real_step_per_method(monkeypatch):
     import argparse
 
     from bench.train import run as run_train
 
+    monkeypatch.setenv("SOFTBIO_CPU_BF16", "0")  # as on a CPU without native bf16: auto resolves to fp32
     args = argparse.Namespace(
         tiny=True,
         methods=["lp", "lora"],
         batch_size=4,
         steps=1,
         device="cpu",
-        mixed_precision="no",
+        mixed_precision="auto",
         json=None,
         compile=True,
         loader_workers=1,
@@ -183,17 +184,20 @@ def test_train_bench_times_the_real_step_per_method():
     assert loader["ratio_vs_baseline"] == pytest.approx(loader["images_per_s"] / result["rows"][1]["images_per_s"])
 
 
-@pytest.mark.parametrize("native_bf16", ["0", "1"])
-def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path, native_bf16):
+def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path):
     """bench/gpu.sh is what a GPU machine runs in one go; its logic is checked here at tiny sizes, as on a CPU
-    without native bf16 (AVX2 only: every auto precision resolves to fp32) and as on one with it."""
+    with native bf16 (every auto precision resolves to bf16, as on the GPU). Run once: a CPU without it (AVX2 only,
+    fp32) is the train bench's own test above, which leaves the bf16 rows out (the script took 1.5-2.5 min each)."""
     import json
     import os
     import subprocess
     import sys
 
+    # The benchmarks take the machine's threads, as on the GPU machine: bf16 matmuls emulated on a CPU are the bulk
+    # of this run, and unlike the tiny models' ops they gain from a second thread (tests/conftest.py sets one).
+    machine = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}
     env = {
-        **os.environ,
+        **machine,
         "PYTHON": sys.executable,
         "OUT": str(tmp_path / "results"),
         "DEVICE": "cpu",
@@ -212,19 +216,19 @@ def test_the_gpu_script_runs_its_three_benchmarks_on_a_cpu(tmp_path, native_bf16
         "PREDICT_PHOTOS": "4",
         "PREDICT_BATCH": "2",
         "WORKERS": "1",
-        "SOFTBIO_CPU_BF16": native_bf16,
+        "SOFTBIO_CPU_BF16": "1",
     }
     result = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900
-    )
+        ["bash", str(REPO / "bench" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=1800
+    )  # only to catch a hang: at a load of 25 on 2 cores the emulated bf16 speed bench alone ran past 15 minutes
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("speed", "train", "predict"):
         rows = json.loads((tmp_path / "results" / f"{name}.json").read_text())["rows"]
         assert rows and all(row["images_per_s"] > 0 for row in rows)
         assert (tmp_path / "results" / f"{name}.md").read_text().count("|") > 10
     train_rows = [row["setting"] for row in json.loads((tmp_path / "results" / "train.json").read_text())["rows"]]
-    # frozen bf16 weights need bf16 autocast: measured only where auto resolves to bf16
-    assert ("lora + frozen weights in bf16" in train_rows) == (native_bf16 == "1"), train_rows
+    # frozen bf16 weights need bf16 autocast: measured where auto resolves to bf16 (left out at fp32: above)
+    assert "lora + frozen weights in bf16" in train_rows, train_rows
 
 
 @pytest.mark.parametrize(("forced", "expected"), [("0", False), ("1", True)])
