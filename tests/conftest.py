@@ -62,6 +62,21 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory) -> Path:
+    """A random tiny SoftBioModel (seed 0) saved once for every test that reads one from a folder; never written to."""
+    import torch
+
+    from softbio_hf import SoftBioConfig, SoftBioModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-softbio")
+    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
+        folder
+    )
+    return folder
+
+
 @pytest.fixture
 def tiny_config():
     from softbio_hf import SoftBioConfig

@@ -16,22 +16,16 @@ import torch
 from datasets_fixtures import face_like
 from PIL import Image
 from serving import serving
-from tiny import TINY_VISION
 
-from softbio_hf import SoftBioConfig, SoftBioModel
+from softbio_hf import SoftBioModel
 from softbio_hf.predict import main, predict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("predict-model")
-    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
-        folder
-    )
-    return folder
+def model_dir(saved_tiny_model):
+    return saved_tiny_model
 
 
 @pytest.fixture(scope="module")

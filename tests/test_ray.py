@@ -10,11 +10,8 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from datasets_fixtures import face_like
-from tiny import TINY_VISION
 
-from softbio_hf import SoftBioConfig, SoftBioModel
 from softbio_hf.predict import main, predict
 from softbio_hf.predict_ray import predict_ray
 
@@ -24,20 +21,15 @@ ACTOR = "MapWorker(MapBatches(FaceTable))"  # how Ray names an actor of the pool
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray")  # CI installs it (requirements-dev.txt); ray[data] is the softbio[ray] extra
+    import ray  # CI installs it (requirements-dev.txt); ray[data] is the softbio[ray] extra: never skipped
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ray-model")
-    SoftBioModel(SoftBioConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION})).save_pretrained(
-        folder
-    )
-    return folder
+def model_dir(saved_tiny_model):
+    return saved_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +154,6 @@ def test_without_ray_the_option_names_the_extra_and_bad_pool_sizes_are_refused(m
 
 
 def test_a_ray_output_that_is_not_a_folder_of_parts_is_named_before_any_work(model_dir, tmp_path, capsys):
-    pytest.importorskip("ray")
     (tmp_path / "file").write_text("a file")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("the user's")
