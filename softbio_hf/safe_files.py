@@ -63,13 +63,16 @@ class Claim:
     def close(self) -> None:
         if self.anchor is not None:
             self.anchor.close()
-            _ANCHORS.pop(self.anchor_key, None)
+            if _ANCHORS.get(self.anchor_key) is self.anchor:  # not a later claim's anchor under the same key
+                _ANCHORS.pop(self.anchor_key, None)
+                _ANCHOR_PATHS.pop(self.anchor_key, None)
         self.handle.close()
 
 
 # Anchors held by this process; a forked child (a DataLoader worker) closes its copies at once, so that only the
 # process that claimed holds the anchor and it goes with that process (a lingering child never keeps it).
 _ANCHORS: dict[str, Any] = {}
+_ANCHOR_PATHS: dict[str, Path] = {}  # the lock file each anchor was bound for
 
 
 def _close_anchors_in_child() -> None:
@@ -77,6 +80,7 @@ def _close_anchors_in_child() -> None:
         with contextlib.suppress(OSError):
             anchor.close()
     _ANCHORS.clear()
+    _ANCHOR_PATHS.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -130,8 +134,10 @@ def lock_exclusively(path: Path) -> Claim | None:
 
     path = Path(path)
     key = anchor_key(path)
-    if key in _ANCHORS:  # this process holds it already: asked before opening the file again, since closing any
-        return None  # descriptor of a file drops the process's record locks on it
+    if key in _ANCHORS:
+        if anchors_same_folder(_ANCHOR_PATHS.get(key), key):  # this process holds it already: asked before opening
+            return None  # the file again, since closing any descriptor of a file drops the process's record locks
+        drop_anchor(key)  # bound for a folder since deleted, whose inode this new folder reuses: it guards nothing
     handle = path.open("a")  # the open file is the lock: it outlives this function (a Claim closes it)
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,7 +160,25 @@ def lock_exclusively(path: Path) -> Claim | None:
             "nothing was touched. Wait for that run to end; never delete a lock file by hand (a killed run leaves "
             "no stuck lock)"
         )
+    if anchor is not None:
+        _ANCHOR_PATHS[key] = path
     return Claim(handle, anchor, key if anchor is not None else None)
+
+
+def anchors_same_folder(held: Path | None, key: str) -> bool:
+    """Whether the lock file an anchor was bound for still names the folder `key` names (not a deleted one)."""
+    try:
+        return held is not None and anchor_key(held) == key
+    except OSError:
+        return False
+
+
+def drop_anchor(key: str) -> None:
+    anchor = _ANCHORS.pop(key, None)
+    _ANCHOR_PATHS.pop(key, None)
+    if anchor is not None:
+        with contextlib.suppress(OSError):
+            anchor.close()
 
 
 def release(handle: Claim | IO[str] | None, unlink: bool = True) -> None:

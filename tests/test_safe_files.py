@@ -155,3 +155,28 @@ def test_a_deleted_lock_file_is_said_and_never_taken_while_its_holder_lives(tmp_
     safe_files.release(claim)
     assert lock.exists()
     safe_files.release(other)
+
+
+def test_a_claim_on_a_deleted_folder_does_not_hold_a_new_folder_that_reuses_its_inode(tmp_path, monkeypatch):
+    """Anchors are named after the folder's inode, which the system reuses once a folder is deleted: a claim this
+    process still holds on a deleted folder (bench.train's temporary run folders, one after another) must not make
+    a new folder with the same inode look held. The reuse is forced by giving both folders one anchor key."""
+    import shutil
+
+    def one_key(path: Path) -> str:
+        os.stat(path.parent)  # as the real key: a deleted folder has none
+        return f"one-key-for-both-folders-{os.getpid()}"
+
+    monkeypatch.setattr(safe_files, "anchor_key", one_key)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    old = safe_files.lock_exclusively(first / ".lock")
+    assert old is not None
+    assert safe_files.lock_exclusively(first / ".lock") is None  # still held: the same folder is refused
+    shutil.rmtree(first)  # the old claim is never released, as a run object left alive would
+    new = safe_files.lock_exclusively(second / ".lock")
+    assert new is not None  # was None: "in use by another training run"
+    old.close()  # closing the stale claim leaves the new one's anchor bound
+    assert safe_files.lock_exclusively(second / ".lock") is None
+    safe_files.release(new)
