@@ -47,6 +47,10 @@ from softbio_demo.uploads import (
     upload_path,
 )
 
+# softbio_hf registers with transformers (importing torch: seconds) when first imported, unless its __main__ defers
+# it: --help and --version then answer at once, and build_pipeline registers before the pipeline is made.
+DEFER_SOFTBIO_REGISTRATION = True
+
 # the start-up the log reports, from here (the imports above are light) until the page answers
 STARTED = time.monotonic()
 logger = logging.getLogger("softbio.app")

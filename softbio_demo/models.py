@@ -127,6 +127,9 @@ def zero_shot(clip: str, config_path: Path | None):
 def build_pipeline(model, backend: str = "torch"):
     from transformers import pipeline
 
+    import softbio_hf
+
+    softbio_hf.register()  # the "soft-biometrics" task (app.py defers it at import; idempotent)
     return pipeline("soft-biometrics", model=model, dtype="auto", backend=backend)
 
 

@@ -89,10 +89,14 @@ def register() -> None:
 # first taken from the package, so their --help, --version and argument errors answer without the seconds that
 # torch and transformers take to import, and a checkpoint they save still carries auto_map and our code
 # (register_for_auto_class).
+# The demo (app.py, run as a script, so it has no module name) asks for the same by defining
+# DEFER_SOFTBIO_REGISTRATION before its first import of ours; it registers when it builds its pipeline.
 # The torch-free install (requirements-serve.txt) has neither torch nor transformers: its runtime and server need no
 # registration, so `import softbio_hf.runtime_light` works there.
-_COMMAND = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) or ""
-if sys.argv[:1] == ["-m"] or _COMMAND.startswith(("train.", "bench.")):
+_MAIN = sys.modules.get("__main__")
+_COMMAND = getattr(getattr(_MAIN, "__spec__", None), "name", None) or ""
+_DEFERRED_BY_MAIN = getattr(_MAIN, "DEFER_SOFTBIO_REGISTRATION", False)
+if sys.argv[:1] == ["-m"] or _COMMAND.startswith(("train.", "bench.")) or _DEFERRED_BY_MAIN:
     _registration_deferred = True
 else:
     try:
