@@ -164,7 +164,7 @@ def loader_row(args, step_images_per_s: float) -> dict:
 def run(args) -> dict:
     import torch
 
-    from bench.speed import matmul_peak, resolve_device, vision_flops_per_image
+    from bench.speed import PEAK_SIZE, matmul_peak, resolve_device, vision_flops_per_image
     from softbio_hf import SoftBioConfig
     from softbio_hf.pipeline_softbio import fast_bf16_available
 
@@ -173,7 +173,8 @@ def run(args) -> dict:
         args.mixed_precision = "bf16" if fast_bf16_available(device) else "no"
     forward = vision_flops_per_image(SoftBioConfig(vision_config=TINY if args.tiny else None))
     fast = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    peak = max(matmul_peak(dtype, device) for dtype in {torch.float32, fast})
+    size = PEAK_SIZE["tiny"] if args.tiny else None  # as bench.speed: emulated bf16 at 3072 takes minutes a matmul
+    peak = max(matmul_peak(dtype, device, size) for dtype in {torch.float32, fast})
     switches = [s for s in SWITCHES if "lora" in args.methods and (args.compile or "train.compile=true" not in s[2])]
     if args.mixed_precision != "bf16":  # frozen bf16 weights need bf16 autocast
         switches = [s for s in switches if "train.bf16_base=true" not in s[2]]
