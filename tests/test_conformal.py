@@ -234,7 +234,7 @@ BAD_CONFORMAL = {
 @pytest.mark.parametrize("case", list(BAD_CONFORMAL))
 def test_thresholds_that_would_answer_wrongly_are_refused_when_the_model_loads(case, tiny_model, tmp_path):
     from softbio_hf import SoftBioModel
-    from softbio_hf.predict import load_model
+    from softbio_hf.batch_rows import load_model
 
     conformal, said = BAD_CONFORMAL[case]
     tiny_model.save_pretrained(tmp_path / "m")
@@ -250,17 +250,19 @@ def test_thresholds_that_would_answer_wrongly_are_refused_when_the_model_loads(c
 
 @pytest.mark.parametrize("case", list(BAD_CONFORMAL))
 def test_an_exports_manifest_with_such_thresholds_is_refused_naming_it(case, tmp_path):
-    from softbio_hf.runtimes import ExportInvalid, read_manifest
+    from softbio_hf.runtimes import ExportInvalid, answer_digest, read_manifest
 
     conformal, said = BAD_CONFORMAL[case]
     manifest = {"formats": ["onnx"], "tasks": ["gender"], "labels": {"gender": ["male", "female"]}, "image_size": 8}
     manifest |= {"image_mean": [0, 0, 0], "image_std": [1, 1, 1], "batch": "dynamic", "digests": {}}
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "calibration": {"conformal": conformal}}))
+    bad = {**manifest, "calibration": {"conformal": conformal}}  # as an export would write it: its digest fits
+    (tmp_path / "manifest.json").write_text(json.dumps({**bad, "answer_digest": answer_digest(bad)}))
     said_first = re.escape(f"{tmp_path / 'manifest.json'}: calibration.conformal")
     with pytest.raises(ExportInvalid, match=said_first) as raised:
         read_manifest(tmp_path)  # what the light runtime, the server and pipeline(backend=...) read first
     assert said in str(raised.value)
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "calibration": {"conformal": {}}}))
+    fine = {**manifest, "calibration": {"conformal": {}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({**fine, "answer_digest": answer_digest(fine)}))
     assert read_manifest(tmp_path)["tasks"] == ["gender"]  # no thresholds: no sets, as before
 
 
