@@ -34,7 +34,7 @@ def calibration_faces(sources: Sequence[str], image_size: int, count: int = CALI
     prepare; its rows are faces already, its train split first) or photos (files or folders of them; faces found
     and cropped as the pipeline does).
     """
-    from .predict import is_saved_dataset
+    from .batch_inputs import is_saved_dataset
 
     crops: list[np.ndarray] = []
     for source in sources:
@@ -69,9 +69,9 @@ def prepared_faces(folder: Path, image_size: int, count: int) -> list[np.ndarray
 
 def photo_faces(path: Path, image_size: int) -> list[np.ndarray]:
     """Every face of a photo, or of the photos in a folder (sorted by name), cropped as the pipeline crops."""
+    from .batch_inputs import IMAGE_EXTENSIONS
     from .faces import make_detector
     from .images import load_image
-    from .predict import IMAGE_EXTENSIONS
     from .runtime_light import DEFAULT_MARGIN, DEFAULT_MIN_FACE_SIZE, DEFAULT_THRESHOLDS, faces_and_crops
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else [path]
