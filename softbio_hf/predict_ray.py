@@ -105,12 +105,12 @@ def dataset_row_bytes(folder: str, split: str, row: int) -> bytes:
 
 def ref_bytes(ref: Any) -> bytes:
     """A photo's encoded bytes, at most MAX_DOWNLOAD_BYTES (a file that large is not a photo to analyse)."""
-    from .images import _download
+    from .images import fetch_url
 
     if isinstance(ref, list):  # (folder, split, row) of a datasets folder
         return dataset_row_bytes(*ref)
     if ref.startswith(("http://", "https://")):
-        return _download(ref, 10.0, repr(ref))
+        return fetch_url(ref, 10.0, repr(ref))
     if is_uri(ref):
         from pyarrow import fs
 
