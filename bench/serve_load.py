@@ -85,8 +85,12 @@ def model_alone(folder: Path, backend: str, batch: int, photo: Path, seconds: fl
 
 def load(folder: Path, backend: str, port: int, photo: Path, seconds: int, levels=CONCURRENCY) -> dict:
     """Every level against one server (default options), then the model alone; the server's share of it."""
+    from importlib.util import find_spec
+
     from softbio_hf.serve_batching import DEFAULT_MAX_BATCH
 
+    if find_spec("locust") is None:  # the load tool: a benchmark's own, not a dependency of softbio or its tests
+        raise SystemExit("The load rows run locust: pip install locust, or pass --load-seconds 0 to leave them out.")
     command = [sys.executable, "-m", "softbio_hf.serve", "--model", str(folder), "--backend", backend]
     process = subprocess.Popen(
         [*command, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
