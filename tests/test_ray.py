@@ -22,9 +22,13 @@ ACTOR = "MapWorker(MapBatches(FaceTable))"  # how Ray names an actor of the pool
 @pytest.fixture(scope="module")
 def cluster():
     import ray  # CI installs it (requirements-dev.txt); ray[data] is the softbio[ray] extra: never skipped
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+    for number, handler in handlers.items():  # ray.init's SIGTERM handler outlives shutdown: later tests need theirs
+        signal.signal(number, handler)
 
 
 @pytest.fixture(scope="module")
