@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .batch_rows import PredictError, optional_import
+from .images import IMAGE_EXTENSIONS, image_files
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"}  # softbio_hf.video's (kept light: no cv2 here)
 
 
@@ -40,9 +40,7 @@ def expand_inputs(inputs: Sequence[str], limit: int | None = None) -> list[Sourc
         elif path.is_dir() and is_saved_dataset(path):
             refs.extend(dataset_refs(path))
         elif path.is_dir():
-            wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in wanted and p.is_file())
-            refs.extend((str(p), str(p)) for p in files)
+            refs.extend((str(p), str(p)) for p in image_files(path, IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
         elif path.suffix.lower() == ".txt" and path.is_file():
             refs.extend(list_refs(path))
         else:  # an image, or a name that is not there: its row will say so

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -181,6 +182,22 @@ def make_detector(detector: str = "auto", yunet_path: str | None = None):
         return YuNetDetector(path)
     logger.warning("YuNet face detector unavailable (offline?); using OpenCV's Haar cascade instead.")
     return HaarDetector()
+
+
+class DetectorsPerThread:
+    """Detectors by name, built on first use, one set per thread: OpenCV's detectors keep per-image state (YuNet's
+    input size) and are not shared between threads, so preparing threads and a web server's workers each get
+    their own."""
+
+    def __init__(self, yunet_path: str | None = None):
+        self.yunet_path = yunet_path
+        self._local = threading.local()
+
+    def get(self, name: str):
+        built = self._local.__dict__.setdefault("detectors", {})
+        if name not in built:
+            built[name] = make_detector(name, self.yunet_path)
+        return built[name]
 
 
 def detect_faces(

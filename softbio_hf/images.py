@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_DOWNLOAD_BYTES = 25 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 10.0
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class ImageInputError(ValueError):
@@ -181,6 +182,12 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         return np.asarray(_flatten_alpha(image))
     return np.asarray(image.convert("RGB"))
+
+
+def image_files(folder: Path, extensions: set[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every file under `folder` (subfolders included) whose extension is one of `extensions`, case-insensitive,
+    sorted by path: the same order on every machine and every run."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in extensions and path.is_file())
 
 
 def load_image(

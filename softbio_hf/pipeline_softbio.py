@@ -15,13 +15,15 @@ from PIL import Image
 from transformers.pipelines.base import ChunkPipeline
 
 from .export_folder import refuse_torch_backend
-from .faces import DETECTION_MAX_SIDE, make_detector
+from .faces import DETECTION_MAX_SIDE, DetectorsPerThread
 from .images import (
     DEFAULT_TIMEOUT_S,
+    IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     ImageInputError,
     check_image,
     describe,
+    image_files,
     load_image,
 )
 from .modeling_softbio import image_processor_for, refuse_untrained_heads
@@ -114,7 +116,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
             self.model.to(target)
         self.model.eval()
         self.yunet_path = yunet_path
-        self._detectors: dict[str, Any] = {}
+        self._detectors = DetectorsPerThread(yunet_path)
         self._compiled: Any = None
         self.compiled_batch_size: int | None = None
         self.compile_seconds: float | None = None
@@ -261,12 +263,15 @@ class SoftBiometricsPipeline(ChunkPipeline):
         Check every input of a list before any model work (kind, existence, header, size: nothing is decoded), so
         one bad image is named up front; each image is decoded when its turn comes, so a long list streams. A
         generator or a dataset streams too: each image is loaded (and checked) as it comes. Many photos go through
-        `many` (decoding and detection overlap the forward pass; faces batched across photos).
+        `many` (decoding and detection overlap the forward pass; faces batched across photos). A folder answers
+        `{file path: faces}` for every image in it (`folder`).
         """
         from .video import is_video
 
         if is_video(inputs):  # a clip: faces per analysed frame, tracked, and one answer per track
             return self.analyze_video(inputs, **kwargs)
+        if isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs):
+            return self.folder(inputs, **kwargs)
         single = isinstance(inputs, (str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image, dict))
         if not single and not isinstance(inputs, (list, tuple)):
             if hasattr(inputs, "__iter__"):  # a generator or dataset: answers stream as the photos come
@@ -312,9 +317,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
         return analyze_video(self, source, every, fps, max_frames, max_gap, **limit, **options)
 
     def detector(self, name: str):
-        if name not in self._detectors:
-            self._detectors[name] = make_detector(name, self.yunet_path)
-        return self._detectors[name]
+        return self._detectors.get(name)
 
     def faces_of(
         self,
@@ -378,12 +381,45 @@ class SoftBiometricsPipeline(ChunkPipeline):
     def many(self, inputs, batch_size: int | None = None, num_workers: int | None = None, **kwargs):
         """
         Many photos (a list, a generator, a dataset) at the model's pace, for every backend: the next photos are
-        decoded and their faces found while the current faces are in the forward pass, and faces of consecutive
-        photos share passes of `batch_size` crops (default 1, as transformers' pipelines; 8 or more is faster).
-        Each photo's answer equals the one it gets alone (to the last digit with batch_size 1; a batch's float
-        sums may differ in the last bits). `num_workers` is accepted for transformers' signature: one thread
-        prepares photos (OpenCV's detectors are not shared between threads).
+        decoded and their faces found (by `num_workers` threads, default 1, each with its own detector) while the
+        current faces are in the forward pass, and faces of consecutive photos share passes of `batch_size` crops
+        (default 1, as transformers' pipelines; 8 or more is faster). Each photo's answer equals the one it gets
+        alone (to the last digit with batch_size 1; a batch's float sums may differ in the last bits).
         """
+        yield from self._answers(inputs, batch_size, num_workers, kwargs)
+
+    def folder(self, folder: str | os.PathLike, **kwargs) -> dict[str, list[dict[str, Any]]]:
+        """
+        Every image in a folder and its subfolders (by extension, sorted by path), through `many`:
+        `{file path: faces}`. A file that is not a readable image is counted and skipped, with a warning that names
+        it and why, so one bad file among thousands costs only its own answer.
+        """
+        files = image_files(Path(folder))
+        if not files:
+            raise ImageInputError(
+                f"The folder {describe(folder)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "pass a folder of photos, or a photo's path."
+            )
+        max_pixels = kwargs.get("max_pixels")
+        skipped: dict[str, str] = {}
+        readable = []
+        for path in files:  # headers only: nothing decoded
+            try:
+                check_image(str(path), max_pixels=max_pixels if isinstance(max_pixels, int) else MAX_IMAGE_PIXELS)
+                readable.append(str(path))
+            except ImageInputError as error:
+                skipped[str(path)] = str(error)
+        batch_size, num_workers = kwargs.pop("batch_size", None), kwargs.pop("num_workers", None)
+        answers = self._answers(readable, batch_size, num_workers, kwargs, skipped)
+        found = {path: faces for path, faces in zip(readable, answers, strict=True) if path not in skipped}
+        if skipped:
+            shown = "; ".join(list(skipped.values())[:3]) + ("; ..." if len(skipped) > 3 else "")
+            logger.warning("%d of %d image files in %s skipped: %s", len(skipped), len(files), folder, shown)
+        return found
+
+    def _answers(self, inputs, batch_size, num_workers, kwargs: dict[str, Any], skipped: dict | None = None):
+        """`many`'s answers; with `skipped`, a photo that fails to decode is recorded there (its answer: no faces)
+        instead of ending the run."""
         preprocess, _, postprocess = self._sanitize_parameters(**kwargs)
         preprocess = {**self._preprocess_params, **preprocess}
         top_k = {**self._postprocess_params, **postprocess}.get("top_k")
@@ -392,8 +428,10 @@ class SoftBiometricsPipeline(ChunkPipeline):
             raise ValueError(f"batch_size={batch_size!r}: use a whole number of face crops >= 1.")
         config = self.model.config
         prepare = functools.partial(self.faces_of, **preprocess)
+        if skipped is not None:
+            prepare = functools.partial(faces_or_skip, prepare, skipped)
         card = {"age_years": config.age_years, "calibration": config.calibration}
-        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k)
+        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k, num_workers or 1)
 
     def postprocess(self, model_outputs, top_k: int | None = None):
         config = self.model.config
@@ -406,6 +444,16 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 face_result(output["face"], probs, config.tasks, config.age_years, top_k, config.calibration)
             )
         return records  # largest first: detect_faces sorted them and the chunks keep their order
+
+
+def faces_or_skip(prepare, skipped: dict[str, str], item: str):
+    """`prepare(item)`, or no faces with the reason recorded in `skipped`, for a file that passed its header check
+    and then failed to decode (truncated, corrupt)."""
+    try:
+        return prepare(item)
+    except ImageInputError as error:
+        skipped[item] = str(error)
+        return [], None
 
 
 def face_features(features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -69,12 +69,11 @@ def prepared_faces(folder: Path, image_size: int, count: int) -> list[np.ndarray
 
 def photo_faces(path: Path, image_size: int) -> list[np.ndarray]:
     """Every face of a photo, or of the photos in a folder (sorted by name), cropped as the pipeline crops."""
-    from .batch_inputs import IMAGE_EXTENSIONS
     from .faces import make_detector
-    from .images import load_image
+    from .images import image_files, load_image
     from .runtime_light import DEFAULT_MARGIN, DEFAULT_MIN_FACE_SIZE, DEFAULT_THRESHOLDS, faces_and_crops
 
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else [path]
+    files = image_files(path) if path.is_dir() else [path]
     detector = make_detector("auto")
     found = []
     for file in files:

@@ -14,7 +14,6 @@ from the export's manifest (tasks, labels, age years, image size and normalisati
 from __future__ import annotations
 
 import functools
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .conformal import label_set
-from .faces import DETECTION_MAX_SIDE, crop_face, detect_faces, make_detector
+from .faces import DETECTION_MAX_SIDE, DetectorsPerThread, crop_face, detect_faces
 from .images import DEFAULT_TIMEOUT_S, MAX_IMAGE_PIXELS, check_image, describe, load_image
 from .runtimes import ExportedModel, age_bin_bounds, exported_folder
 
@@ -204,14 +203,17 @@ def overlapped(
     score: Callable[[np.ndarray], dict[str, np.ndarray]],
     batch_size: int | None = None,
     ahead: int = 2,
+    workers: int = 1,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
     """
     Many photos at the model's pace: each item's faces and their per-task probabilities, in the items' order.
-    `prepare(item)` (decoding, detection, cropping: faces and uint8 crops) runs in a second thread up to `ahead`
-    items in advance, while the current crops are in `score` (OpenCV, Pillow's decoders and the model's kernels
-    all let go of the GIL). Faces of consecutive items share forward passes of `batch_size` crops (None: each
-    item's faces in one pass of their own). An item's answer comes out once all its faces are scored. A generator
-    or dataset is read one item at a time, so a long stream costs no memory up front.
+    `prepare(item)` (decoding, detection, cropping: faces and uint8 crops) runs in `workers` other threads up to
+    `ahead` items in advance (at least one more than `workers`, so none idles), while the current crops are in
+    `score` (OpenCV, Pillow's decoders and the model's kernels all let go of the GIL). With several workers,
+    `prepare` must keep per-thread state (a detector per thread, as `detector` does in both runtimes). Faces of
+    consecutive items share forward passes of `batch_size` crops (None: each item's faces in one pass of their own).
+    An item's answer comes out once all its faces are scored. A generator or dataset is read one item at a time, so
+    a long stream costs no memory up front.
     """
     source = iter(items)
     pending: deque[Future] = deque()
@@ -222,8 +224,10 @@ def overlapped(
             pending.append(pool.submit(prepare, item))
             return
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softbio-prepare") as pool:
-        for _ in range(max(1, ahead)):
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"num_workers={workers!r}: use a whole number of preparing threads >= 1.")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="softbio-prepare") as pool:
+        for _ in range(max(1, ahead, workers + 1)):
             submit(pool)
         while pending:
             faces, crops = pending.popleft().result()
@@ -243,10 +247,11 @@ def photo_answers(
     tasks: dict[str, list[str]],
     card: dict[str, Any],
     top_k: int | None,
+    workers: int = 1,
 ) -> Iterator[list[dict[str, Any]]]:
     """`overlapped`'s faces and probabilities as each photo's answer (face_result per face); `card` holds the
     model's age_years and calibration (a manifest, or a config's)."""
-    for faces, probs in overlapped(items, prepare, score, batch_size):
+    for faces, probs in overlapped(items, prepare, score, batch_size, workers=workers):
         yield face_records(faces, probs, tasks, card, top_k)
 
 
@@ -327,15 +332,12 @@ class ExportedPipeline:
         self.tasks = {task: list(manifest["labels"][task]) for task in manifest["tasks"]}
         self.defaults = {**detector_defaults(), **(manifest.get("detector") or {})}
         self.yunet_path = yunet_path
-        self._local = threading.local()  # detectors keep per-image state (YuNet's input size): one set per thread
+        self._detectors = DetectorsPerThread(yunet_path)
 
     def detector(self, name: str):
-        detectors = self._local.__dict__.setdefault("detectors", {})
-        if name not in detectors:
-            detectors[name] = make_detector(name, self.yunet_path)
-        return detectors[name]
+        return self._detectors.get(name)
 
-    def __call__(self, inputs: Any, batch_size: int | None = None, **options: Any):
+    def __call__(self, inputs: Any, batch_size: int | None = None, num_workers: int = 1, **options: Any):
         unknown = {k: v for k, v in options.items() if k not in CALL_OPTIONS and k != "max_pixels"}
         if unknown:
             raise TypeError(unknown_options_message(unknown))
@@ -348,7 +350,7 @@ class ExportedPipeline:
             check_image(
                 item, max_pixels=options["max_pixels"], name=None if single else f"input {index} ({describe(item)})"
             )
-        results = list(self.stream(items, options, batch_size))
+        results = list(self.stream(items, options, batch_size, num_workers))
         return results[0] if single else results
 
     def checked(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -365,12 +367,14 @@ class ExportedPipeline:
         filled["max_pixels"] = max_pixels
         return filled
 
-    def stream(self, items: list, options: dict[str, Any], batch_size: int | None) -> Iterator[list[dict[str, Any]]]:
+    def stream(
+        self, items: list, options: dict[str, Any], batch_size: int | None, workers: int = 1
+    ) -> Iterator[list[dict[str, Any]]]:
         """Each image's faces in order, through `overlapped`: the next images are decoded and their faces found
-        while the current faces run through the model."""
+        (by `workers` threads) while the current faces run through the model."""
         prepare = functools.partial(self.crops_of, options=options)
         yield from photo_answers(
-            items, prepare, self.probabilities, batch_size, self.tasks, self.manifest, options["top_k"]
+            items, prepare, self.probabilities, batch_size, self.tasks, self.manifest, options["top_k"], workers
         )
 
     def crops_of(self, image: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray | None]:

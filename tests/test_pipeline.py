@@ -27,6 +27,7 @@ from transformers import pipeline
 
 from softbio_hf import SoftBiometricsPipeline, SoftBioModel, load_image
 from softbio_hf.faces import Face, crop_matrix, make_detector
+from softbio_hf.images import ImageInputError
 from softbio_hf.pipeline_softbio import fast_bf16_available, resolve_dtype
 
 
@@ -124,6 +125,55 @@ def test_many_photos_give_each_photo_exactly_its_answer_alone(pipe):
     streamed = pipe((image for image in images), detector="haar", top_k=2, batch_size=8)
     assert not isinstance(streamed, list)  # a generator's answers stream
     assert_same_answers(list(streamed), alone)
+
+
+def test_a_folder_gives_each_image_file_its_answer_alone_and_skips_a_corrupt_one(pipe, tmp_path, caplog):
+    images = {"a.png": astronaut(), "b/c.PNG": tiled_faces(), "b/d.jpg": grace_hopper(), "e.webp": lfw_patch(150)}
+    for name, array in images.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(array).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not a photo, not listed")
+    (tmp_path / "b" / "broken.jpg").write_bytes(jpeg_bytes(grace_hopper())[:600])  # refused at its header
+    half = jpeg_bytes(grace_hopper())
+    (tmp_path / "b" / "half.jpg").write_bytes(half[: len(half) // 2])  # a good header: fails while decoding
+    (tmp_path / "fake.png").write_text("not a png")
+    with caplog.at_level("WARNING", logger="softbio_hf.pipeline_softbio"):
+        found = pipe(str(tmp_path), detector="haar", top_k=2, batch_size=3, num_workers=2)
+    order = ["a.png", "b/c.PNG", "b/d.jpg", "e.webp"]
+    assert list(found) == [str(tmp_path / name) for name in order]  # sorted by path; the bad files left out
+    for name in order:
+        assert_same_answers([found[str(tmp_path / name)]], [pipe(str(tmp_path / name), detector="haar", top_k=2)])
+    assert [len(found[str(tmp_path / name)]) for name in order] == [1, 4, 1, 0]
+    warning = " ".join(record.getMessage() for record in caplog.records)
+    assert "3 of 7 image files" in warning and all(name in warning for name in ("broken.jpg", "half.jpg", "fake.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageInputError, match="holds no image files"):
+        pipe(str(tmp_path / "empty"))
+
+
+def test_several_preparing_threads_keep_the_order_and_each_has_its_own_detector(pipe):
+    import threading
+
+    from softbio_hf.runtime_light import overlapped
+
+    started, both_running = [], threading.Event()
+
+    def prepare(count: int):
+        started.append(count)
+        if len(started) >= 2:
+            both_running.set()
+        both_running.wait(5)  # with two workers, two photos are prepared at once
+        return [{"face": i} for i in range(count)], np.full((count, 1), count, dtype=np.uint8)
+
+    answers = list(overlapped([3, 1, 2, 0, 2], prepare, lambda c: {"t": c.astype(np.float32)}, 2, workers=2))
+    assert [len(faces) for faces, _ in answers] == [3, 1, 2, 0, 2] and both_running.is_set()
+    with pytest.raises(ValueError, match="num_workers=0"):
+        list(overlapped([1], prepare, lambda c: {"t": c}, workers=0))
+    detectors = []
+    thread = threading.Thread(target=lambda: detectors.append(pipe.detector("haar")))
+    thread.start(), thread.join()
+    assert detectors[0] is not pipe.detector("haar")  # OpenCV's detectors are not shared between threads
+    assert pipe.detector("haar") is pipe.detector("haar")
 
 
 def test_the_next_photos_are_prepared_during_the_forward_pass_and_faces_share_passes():
