@@ -42,13 +42,22 @@ def checkout_extras() -> set[str] | None:
     return {path for path in paths if not any(part in CACHES for part in Path(path).parts)}
 
 
+def is_xdist_worker(config) -> bool:
+    """A pytest-xdist worker: the checkout is judged once, by the process that started the workers, after all of
+    them have ended (a worker finishing early would see another's test at work)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session):
-    session.config.stash_checkout = checkout_extras()
+    if not is_xdist_worker(session.config):
+        session.config.stash_checkout = checkout_extras()
 
 
 def pytest_sessionfinish(session, exitstatus):
     """The tests write under their tmp_path, never in the checkout (artifacts/, outputs/ and runs/zs/.lock were
     left there): anything new beside the repository's files fails the run, named."""
+    if is_xdist_worker(session.config):
+        return
     before, after = getattr(session.config, "stash_checkout", None), checkout_extras()
     if before is None or after is None or not after - before:
         return
