@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,48 @@ def pytest_sessionfinish(session, exitstatus):
     left = sorted(after - before)
     print(f"\nThe tests left {len(left)} file(s) in the checkout: {left[:10]}; write them under tmp_path instead.")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_signals_held() -> dict[str, list[str]]:
+    """Ctrl-C and SIGTERM as this process's kernel masks hold them: blocked, or ignored. Every process a test starts
+    inherits both (a child with SIGINT blocked or ignored runs on through Ctrl-C), unlike a Python handler."""
+    held = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigBlk", "SigIgn"):
+            bits = int(value.strip(), 16)
+            held[name] = [signal.Signals(n).name for n in STOP_SIGNALS if bits & (1 << (n - 1))]
+    return {name: names for name, names in held.items() if names}
+
+
+def free_stop_signals() -> None:
+    """Ctrl-C and SIGTERM back to their defaults (Python's KeyboardInterrupt for SIGINT), unblocked."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pytest_configure(config):
+    """A suite started in the background by a script (`cmd &` in a non-interactive shell) inherits SIGINT ignored,
+    and so would every process the tests start: the Ctrl-C tests' commands then never see their Ctrl-C. Each test
+    process (pytest-xdist's workers included) starts as it would from a terminal."""
+    if stop_signals_held():
+        free_stop_signals()
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_left_free(request):
+    """Tests send SIGINT and SIGTERM to the processes they start, so none may leave them blocked or ignored here:
+    the change is undone, and reported against the test (or a fixture set up for it) after which it was seen."""
+    yield
+    held = stop_signals_held()
+    if not held:
+        return
+    free_stop_signals()
+    pytest.fail(f"after {request.node.nodeid}, this process holds {held}: later tests' Ctrl-C would not arrive")
 
 
 @pytest.fixture(scope="session")
