@@ -431,7 +431,8 @@ class SoftBiometricsPipeline(ChunkPipeline):
         if skipped is not None:
             prepare = functools.partial(faces_or_skip, prepare, skipped)
         card = {"age_years": config.age_years, "calibration": config.calibration}
-        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k, num_workers or 1)
+        workers = 1 if num_workers is None else num_workers  # 0 is refused by name, not taken for 1
+        yield from photo_answers(inputs, prepare, self.scores, batch_size, config.tasks, card, top_k, workers)
 
     def postprocess(self, model_outputs, top_k: int | None = None):
         config = self.model.config

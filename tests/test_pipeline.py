@@ -169,6 +169,8 @@ def test_several_preparing_threads_keep_the_order_and_each_has_its_own_detector(
     assert [len(faces) for faces, _ in answers] == [3, 1, 2, 0, 2] and both_running.is_set()
     with pytest.raises(ValueError, match="num_workers=0"):
         list(overlapped([1], prepare, lambda c: {"t": c}, workers=0))
+    with pytest.raises(ValueError, match="num_workers=0"):
+        pipe([astronaut(), astronaut()], num_workers=0)
     detectors = []
     thread = threading.Thread(target=lambda: detectors.append(pipe.detector("haar")))
     thread.start(), thread.join()
