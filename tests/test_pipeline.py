@@ -156,17 +156,19 @@ def test_several_preparing_threads_keep_the_order_and_each_has_its_own_detector(
 
     from softbio_hf.runtime_light import overlapped
 
-    started, both_running = [], threading.Event()
+    started, met, both_running = [], [], threading.Event()
 
     def prepare(count: int):
         started.append(count)
         if len(started) >= 2:
             both_running.set()
-        both_running.wait(5)  # with two workers, two photos are prepared at once
+        # the first photo's thread waits here until a second thread starts: it never could with one worker (a
+        # hang bound of 60 s, not a timing)
+        met.append(both_running.wait(60))
         return [{"face": i} for i in range(count)], np.full((count, 1), count, dtype=np.uint8)
 
     answers = list(overlapped([3, 1, 2, 0, 2], prepare, lambda c: {"t": c.astype(np.float32)}, 2, workers=2))
-    assert [len(faces) for faces, _ in answers] == [3, 1, 2, 0, 2] and both_running.is_set()
+    assert [len(faces) for faces, _ in answers] == [3, 1, 2, 0, 2] and all(met) and len(met) == 5
     with pytest.raises(ValueError, match="num_workers=0"):
         list(overlapped([1], prepare, lambda c: {"t": c}, workers=0))
     with pytest.raises(ValueError, match="num_workers=0"):
