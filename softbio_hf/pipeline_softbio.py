@@ -282,9 +282,7 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 "numpy array or bytes), a list of them, or a generator or dataset of them."
             )
         items = [inputs] if single else list(inputs)
-        max_pixels = kwargs.get("max_pixels")  # the call's own cap counts from the first check on
-        if not (isinstance(max_pixels, int) and max_pixels >= 1):
-            max_pixels = MAX_IMAGE_PIXELS  # a bad value is named by _sanitize_parameters
+        max_pixels = call_max_pixels(kwargs)
         for index, item in enumerate(items):  # cheap: nothing decoded, so a long list costs no memory up front
             name = describe(item) if single else f"input {index} ({describe(item)})"
             check_image(item, name=name, max_pixels=max_pixels)
@@ -400,12 +398,12 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 f"The folder {describe(folder)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "pass a folder of photos, or a photo's path."
             )
-        max_pixels = kwargs.get("max_pixels")
+        max_pixels = call_max_pixels(kwargs)
         skipped: dict[str, str] = {}
         readable = []
         for path in files:  # headers only: nothing decoded
             try:
-                check_image(str(path), max_pixels=max_pixels if isinstance(max_pixels, int) else MAX_IMAGE_PIXELS)
+                check_image(str(path), max_pixels=max_pixels)
                 readable.append(str(path))
             except ImageInputError as error:
                 skipped[str(path)] = str(error)
@@ -445,6 +443,13 @@ class SoftBiometricsPipeline(ChunkPipeline):
                 face_result(output["face"], probs, config.tasks, config.age_years, top_k, config.calibration)
             )
         return records  # largest first: detect_faces sorted them and the chunks keep their order
+
+
+def call_max_pixels(kwargs: dict[str, Any]) -> int:
+    """The call's own pixel cap, which counts from the first header check on; a bad value is named later by
+    _sanitize_parameters, so the default stands in until then."""
+    max_pixels = kwargs.get("max_pixels")
+    return max_pixels if isinstance(max_pixels, int) and max_pixels >= 1 else MAX_IMAGE_PIXELS
 
 
 def faces_or_skip(prepare, skipped: dict[str, str], item: str):

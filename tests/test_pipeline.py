@@ -175,7 +175,8 @@ def test_several_preparing_threads_keep_the_order_and_each_has_its_own_detector(
         pipe([astronaut(), astronaut()], num_workers=0)
     detectors = []
     thread = threading.Thread(target=lambda: detectors.append(pipe.detector("haar")))
-    thread.start(), thread.join()
+    thread.start()
+    thread.join()
     assert detectors[0] is not pipe.detector("haar")  # OpenCV's detectors are not shared between threads
     assert pipe.detector("haar") is pipe.detector("haar")
 
